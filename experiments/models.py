@@ -1,0 +1,250 @@
+"""The experiment schema (SPEC §2). Table names are part of the contract."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxLengthValidator, MinLengthValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class ExperimentStatus(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    ACTIVE = "active", "Active"
+    PAUSED = "paused", "Paused"
+    COMPLETED = "completed", "Completed"
+
+
+#: Statuses in which an experiment takes part in routing for its public id.
+ROUTING_STATUSES = (ExperimentStatus.ACTIVE, ExperimentStatus.PAUSED)
+
+
+class Experiment(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    public_model_id = models.TextField(
+        help_text="The model id clients call, e.g. kilo/preview-foo. Editable only in draft."
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(
+        blank=True, default="", validators=[MaxLengthValidator(2000)]
+    )
+    status = models.CharField(
+        max_length=16, choices=ExperimentStatus.choices, default=ExperimentStatus.DRAFT
+    )
+    is_archived = models.BooleanField(default=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "model_experiment"
+        ordering = ["-created_at"]
+        permissions = [
+            ("transition_experiment", "Can activate, pause, complete and archive experiments"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=[s.value for s in ExperimentStatus]),
+                name="model_experiment_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=~Q(status=ExperimentStatus.ACTIVE, is_archived=True),
+                name="model_experiment_active_not_archived",
+            ),
+            models.UniqueConstraint(
+                fields=["public_model_id"],
+                condition=Q(status__in=[s.value for s in ROUTING_STATUSES]),
+                name="model_experiment_one_routing_per_public_id",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.public_model_id})"
+
+    @classmethod
+    def from_db(cls, db, field_names, values):
+        instance = super().from_db(db, field_names, values)
+        # Remembered so the cache invalidation can also refresh the id it left.
+        if "public_model_id" in field_names:
+            instance._loaded_public_model_id = instance.public_model_id
+        return instance
+
+    @property
+    def is_routing(self) -> bool:
+        return self.status in ROUTING_STATUSES
+
+
+class Variant(models.Model):
+    """A stable slot. Users are bucketed into slots; a slot holds checkpoints."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="variants")
+    label = models.CharField(max_length=64, validators=[MinLengthValidator(1)])
+    weight = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "model_experiment_variant"
+        ordering = ["id"]  # bucket walk order (SPEC §7)
+        permissions = [
+            ("hotswap_variant", "Can hot-swap a variant's checkpoint"),
+            ("rotate_key_variant", "Can rotate a variant's partner key"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(weight__gt=0), name="model_experiment_variant_weight_positive"),
+            models.CheckConstraint(
+                condition=~Q(label=""), name="model_experiment_variant_label_not_empty"
+            ),
+            models.UniqueConstraint(
+                fields=["experiment", "label"], name="model_experiment_variant_unique_label"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.label
+
+
+class VariantVersionQuerySet(models.QuerySet):
+    def effective_at(self, moment=None):
+        """Versions in force at ``moment`` (default now), newest first by (effective_at, id)."""
+        moment = moment or timezone.now()
+        return self.filter(effective_at__lte=moment).order_by("-effective_at", "-id")
+
+
+class SafeVariantVersionManager(models.Manager.from_queryset(VariantVersionQuerySet)):
+    """The default manager never selects the ciphertext (SPEC §6).
+
+    Admin pages, reports and exports go through this manager; only the routing
+    payload builder and the hot-swap service use ``with_ciphertext``.
+    """
+
+    def get_queryset(self):
+        return super().get_queryset().defer("encrypted_api_key")
+
+
+class VariantVersion(models.Model):
+    """An immutable checkpoint held by a slot. Insert-only."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    variant = models.ForeignKey(Variant, on_delete=models.CASCADE, related_name="versions")
+    upstream = models.JSONField()
+    encrypted_api_key = models.JSONField()
+    effective_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = SafeVariantVersionManager()
+    with_ciphertext = models.Manager.from_queryset(VariantVersionQuerySet)()
+
+    class Meta:
+        db_table = "model_experiment_variant_version"
+        base_manager_name = "with_ciphertext"
+        default_manager_name = "objects"
+        indexes = [
+            models.Index(
+                fields=["variant", "-effective_at"],
+                name="mx_version_variant_effective",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.upstream.get('internal_id', '?')} @ {self.effective_at:%Y-%m-%d %H:%M:%S}"
+
+    @property
+    def internal_id(self) -> str:
+        return str(self.upstream.get("internal_id", ""))
+
+    @property
+    def base_url_host(self) -> str:
+        from urllib.parse import urlsplit
+
+        return urlsplit(str(self.upstream.get("base_url", ""))).hostname or ""
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise ImmutableVersionError("Checkpoint versions are insert-only; hot-swap instead.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise ImmutableVersionError("Checkpoint versions are never deleted.")
+
+
+class ImmutableVersionError(Exception):
+    pass
+
+
+class AllocationSubject(models.TextChoices):
+    USER = "user", "User"
+    MACHINE = "machine", "Machine"
+    IP = "ip", "IP address"
+
+
+class RequestKind(models.TextChoices):
+    CHAT_COMPLETIONS = "chat_completions", "Chat completions"
+    RESPONSES = "responses", "Responses"
+    MESSAGES = "messages", "Messages"
+
+
+PROMPT_HASH_FAILED = "__failed__"
+PROMPT_HASH_DELETED = "__deleted__"
+
+
+class ExperimentRequest(models.Model):
+    """Attribution of one gateway request to the exact checkpoint that served it."""
+
+    usage = models.OneToOneField(
+        "gateway.GatewayUsage",
+        primary_key=True,
+        on_delete=models.CASCADE,
+        related_name="experiment_request",
+        db_column="usage_id",
+    )
+    variant_version = models.ForeignKey(
+        VariantVersion, on_delete=models.PROTECT, related_name="requests"
+    )
+    allocation_subject = models.CharField(max_length=16, choices=AllocationSubject.choices)
+    client_request_id = models.TextField(null=True, blank=True)
+    request_kind = models.CharField(max_length=32, choices=RequestKind.choices)
+    request_body_sha256 = models.CharField(max_length=64)
+    was_truncated = models.BooleanField(default=False)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "model_experiment_request"
+        indexes = [
+            models.Index(fields=["variant_version", "created_at"], name="mx_request_version_created"),
+            models.Index(
+                fields=["client_request_id"],
+                name="mx_request_client_request_id",
+                condition=Q(client_request_id__isnull=False),
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(request_body_sha256__regex=r"^[0-9a-f]{64}$")
+                | Q(request_body_sha256__in=[PROMPT_HASH_FAILED, PROMPT_HASH_DELETED]),
+                name="model_experiment_request_sha256_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(allocation_subject__in=[s.value for s in AllocationSubject]),
+                name="model_experiment_request_subject_valid",
+            ),
+        ]

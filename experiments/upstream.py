@@ -1,0 +1,135 @@
+"""The strict upstream allowlist (SPEC §5): one definition for validation and the editor."""
+
+from __future__ import annotations
+
+import copy
+from enum import Enum
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import ValidationError as PydanticValidationError
+
+
+class AiSdkProvider(str, Enum):
+    ANTHROPIC = "anthropic"
+    OPENAI = "openai"
+    OPENAI_COMPATIBLE = "openai-compatible"
+    OPENROUTER = "openrouter"
+    ALIBABA = "alibaba"
+    MISTRAL = "mistral"
+
+
+class ApiAdapter(str, Enum):
+    OPENAI_COMPLETIONS = "openai-completions"
+    OPENAI_RESPONSES = "openai-responses"
+    ANTHROPIC_MESSAGES = "anthropic-messages"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_enum_values=True)
+
+
+class OpencodeSettings(_Strict):
+    ai_sdk_provider: AiSdkProvider | None = Field(
+        default=None, description="Which API family the checkpoint speaks."
+    )
+
+
+class OpenclawSettings(_Strict):
+    api_adapter: ApiAdapter | None = Field(
+        default=None, description="Which API family the checkpoint speaks, for openclaw clients."
+    )
+
+
+class UpstreamConfig(_Strict):
+    internal_id: StrictStr = Field(min_length=1, title="Internal model id", description="Model id sent upstream.")
+    base_url: StrictStr = Field(
+        title="Base URL", description="Upstream API root, e.g. https://partner.example/v1"
+    )
+    opencode_settings: OpencodeSettings | None = None
+    openclaw_settings: OpenclawSettings | None = None
+    extra_body: dict[str, Any] | None = Field(
+        default=None, description="Shallow-merged into the request body."
+    )
+    remove_from_body: list[StrictStr] | None = Field(
+        default=None, description="Top-level body keys deleted before anything else."
+    )
+    add_cache_breakpoints: StrictBool | None = Field(
+        default=None, description="Mark prompt-cache breakpoints (chat completions)."
+    )
+    inject_reasoning_into_content: StrictBool | None = Field(
+        default=None, description="Fold assistant reasoning into content as <think>…</think>."
+    )
+
+    @field_validator("internal_id")
+    @classmethod
+    def _internal_id_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL with a host, e.g. https://partner.example/v1")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials; put the key in the key field")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query string or fragment")
+        return value.rstrip("/")
+
+
+class UpstreamInvalid(Exception):
+    """Raised with per-field messages, ready to show next to the offending field."""
+
+    def __init__(self, errors: dict[str, list[str]]):
+        self.errors = errors
+        super().__init__(
+            "; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in errors.items())
+        )
+
+
+def validate_upstream(raw: Any) -> dict[str, Any]:
+    """Validate against the allowlist; return the normalized JSON to store (no nulls)."""
+    if not isinstance(raw, dict):
+        raise UpstreamInvalid({"upstream": ["must be a JSON object"]})
+    try:
+        config = UpstreamConfig.model_validate(raw)
+    except PydanticValidationError as exc:
+        errors: dict[str, list[str]] = {}
+        for err in exc.errors(include_url=False, include_input=False):
+            loc = ".".join(str(part) for part in err["loc"]) or "upstream"
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                message = "is not an allowed field"
+            errors.setdefault(loc, []).append(message)
+        raise UpstreamInvalid(errors) from None
+    return config.model_dump(mode="json", exclude_none=True)
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = defs[node["$ref"].rsplit("/", 1)[-1]]
+            merged = {k: v for k, v in node.items() if k != "$ref"}
+            return _inline_refs({**copy.deepcopy(target), **merged}, defs)
+        if "anyOf" in node:
+            # `X | None`: the editor wants the X; absence already means None.
+            options = [opt for opt in node["anyOf"] if opt.get("type") != "null"]
+            if len(options) == 1:
+                rest = {k: v for k, v in node.items() if k not in ("anyOf", "default")}
+                return _inline_refs({**options[0], **rest}, defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(item, defs) for item in node]
+    return node
+
+
+def upstream_json_schema() -> dict[str, Any]:
+    """JSON schema of UpstreamConfig with references inlined (for django-jsonform)."""
+    schema = UpstreamConfig.model_json_schema()
+    defs = schema.get("$defs", {})
+    return _inline_refs(schema, defs)

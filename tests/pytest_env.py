@@ -1,0 +1,9 @@
+"""Loaded with ``-p`` before Django reads its settings: test-only environment defaults.
+
+Subprocesses started by tests (the ASGI server) inherit these too.
+"""
+
+import os
+
+TEST_ENCRYPTION_KEY = "q2V4cGVyaW1lbnRzLXRlc3Qta2V5LTMyLWJ5dGVzISE="
+os.environ.setdefault("BYOK_ENCRYPTION_KEY", TEST_ENCRYPTION_KEY)
