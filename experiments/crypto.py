@@ -41,9 +41,7 @@ def _key_bytes(key_b64: str | None = None) -> bytes:
     except (binascii.Error, ValueError):
         raise EncryptionKeyError("BYOK_ENCRYPTION_KEY is not valid base64.") from None
     if len(key) != 32:
-        raise EncryptionKeyError(
-            f"BYOK_ENCRYPTION_KEY must decode to 32 bytes, not {len(key)}."
-        )
+        raise EncryptionKeyError(f"BYOK_ENCRYPTION_KEY must decode to 32 bytes, not {len(key)}.")
     return key
 
 
@@ -74,4 +72,6 @@ def decrypt_api_key(envelope: dict, *, key_b64: str | None = None) -> str:
         return AESGCM(key).decrypt(iv, data + tag, None).decode("utf-8")
     except (KeyError, TypeError, ValueError, binascii.Error, InvalidTag, UnicodeDecodeError):
         # Never echo the envelope: it is ciphertext.
-        raise DecryptionError("The stored partner key cannot be decrypted with the configured key.") from None
+        raise DecryptionError(
+            "The stored partner key cannot be decrypted with the configured key."
+        ) from None

@@ -28,9 +28,7 @@ class Experiment(models.Model):
         help_text="The model id clients call, e.g. kilo/preview-foo. Editable only in draft."
     )
     name = models.CharField(max_length=200)
-    description = models.TextField(
-        blank=True, default="", validators=[MaxLengthValidator(2000)]
-    )
+    description = models.TextField(blank=True, default="", validators=[MaxLengthValidator(2000)])
     status = models.CharField(
         max_length=16, choices=ExperimentStatus.choices, default=ExperimentStatus.DRAFT
     )
@@ -103,7 +101,9 @@ class Variant(models.Model):
             ("rotate_key_variant", "Can rotate a variant's partner key"),
         ]
         constraints = [
-            models.CheckConstraint(condition=Q(weight__gt=0), name="model_experiment_variant_weight_positive"),
+            models.CheckConstraint(
+                condition=Q(weight__gt=0), name="model_experiment_variant_weight_positive"
+            ),
             models.CheckConstraint(
                 condition=~Q(label=""), name="model_experiment_variant_label_not_empty"
             ),
@@ -168,6 +168,14 @@ class VariantVersion(models.Model):
     def __str__(self) -> str:
         return f"{self.upstream.get('internal_id', '?')} @ {self.effective_at:%Y-%m-%d %H:%M:%S}"
 
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise ImmutableVersionError("Checkpoint versions are insert-only; hot-swap instead.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise ImmutableVersionError("Checkpoint versions are never deleted.")
+
     @property
     def internal_id(self) -> str:
         return str(self.upstream.get("internal_id", ""))
@@ -177,14 +185,6 @@ class VariantVersion(models.Model):
         from urllib.parse import urlsplit
 
         return urlsplit(str(self.upstream.get("base_url", ""))).hostname or ""
-
-    def save(self, *args, **kwargs):
-        if not self._state.adding:
-            raise ImmutableVersionError("Checkpoint versions are insert-only; hot-swap instead.")
-        super().save(*args, **kwargs)
-
-    def delete(self, *args, **kwargs):
-        raise ImmutableVersionError("Checkpoint versions are never deleted.")
 
 
 class ImmutableVersionError(Exception):
@@ -230,7 +230,9 @@ class ExperimentRequest(models.Model):
     class Meta:
         db_table = "model_experiment_request"
         indexes = [
-            models.Index(fields=["variant_version", "created_at"], name="mx_request_version_created"),
+            models.Index(
+                fields=["variant_version", "created_at"], name="mx_request_version_created"
+            ),
             models.Index(
                 fields=["client_request_id"],
                 name="mx_request_client_request_id",
@@ -248,3 +250,8 @@ class ExperimentRequest(models.Model):
                 name="model_experiment_request_subject_valid",
             ),
         ]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.request_kind} {self.created_at:%Y-%m-%d %H:%M:%S} via {self.variant_version_id}"
+        )

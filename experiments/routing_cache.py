@@ -141,7 +141,9 @@ def refresh(public_model_ids: Iterable[str]) -> bool:
         write_membership(build_membership())
         return True
     except Exception as exc:  # Redis down: the write that triggered us must still land.
-        logger.warning("routing cache refresh failed (%s); run sync_experiment_cache", type(exc).__name__)
+        logger.warning(
+            "routing cache refresh failed (%s); run sync_experiment_cache", type(exc).__name__
+        )
         return False
 
 

@@ -91,7 +91,7 @@ def _record(*, obj: Model, by, action: int, message: str) -> None:
         object_id=str(obj.pk),
         object_repr=str(obj)[:200],
         action_flag=action,
-        change_message=json.dumps([{"changed": {"fields": []}}]) if not message else message,
+        change_message=message if message else json.dumps([{"changed": {"fields": []}}]),
     )
 
 
@@ -242,8 +242,12 @@ def add_variant(*, experiment: Experiment, label: str, weight: Any, by=None) -> 
             with transaction.atomic():
                 variant = Variant.objects.create(experiment=exp, label=label, weight=weight)
         except IntegrityError:
-            raise InvalidInput(f"A variant labelled {label!r} already exists.", field="label") from None
-        _record(obj=exp, by=by, action=CHANGE, message=f"Added variant {label!r} (weight {weight}).")
+            raise InvalidInput(
+                f"A variant labelled {label!r} already exists.", field="label"
+            ) from None
+        _record(
+            obj=exp, by=by, action=CHANGE, message=f"Added variant {label!r} (weight {weight})."
+        )
     return variant
 
 
@@ -253,7 +257,9 @@ def remove_variant(*, variant: Variant, by=None) -> None:
         exp = _locked_experiment(var.experiment_id)
         _require_draft(exp, "remove a variant")
         _record(obj=exp, by=by, action=CHANGE, message=f"Removed variant {var.label!r}.")
-        VariantVersion.with_ciphertext.filter(variant=var)._raw_delete(VariantVersion.with_ciphertext.db)
+        VariantVersion.with_ciphertext.filter(variant=var)._raw_delete(
+            VariantVersion.with_ciphertext.db
+        )
         var.delete()
 
 
@@ -267,7 +273,9 @@ def set_variant_weight(*, variant: Variant, weight: Any, by=None) -> Variant:
             old = var.weight
             var.weight = weight
             var.save(update_fields=["weight", "updated_at"])
-            _record(obj=exp, by=by, action=CHANGE, message=f"Weight of {var.label!r}: {old} → {weight}.")
+            _record(
+                obj=exp, by=by, action=CHANGE, message=f"Weight of {var.label!r}: {old} → {weight}."
+            )
     return var
 
 
@@ -288,7 +296,9 @@ def rename_variant(*, variant: Variant, label: str, by=None) -> Variant:
             with transaction.atomic():
                 var.save(update_fields=["label", "updated_at"])
         except IntegrityError:
-            raise InvalidInput(f"A variant labelled {label!r} already exists.", field="label") from None
+            raise InvalidInput(
+                f"A variant labelled {label!r} already exists.", field="label"
+            ) from None
         _record(obj=exp, by=by, action=CHANGE, message=f"Relabelled variant {old!r} → {label!r}.")
     return var
 
@@ -305,9 +315,10 @@ def _next_effective_at(var: Variant):
     """Now, but strictly after the slot's newest version, so the newest insert is current."""
     now = timezone.now()
     latest = (
-        VariantVersion.objects.filter(variant=var).order_by("-effective_at").values_list(
-            "effective_at", flat=True
-        ).first()
+        VariantVersion.objects.filter(variant=var)
+        .order_by("-effective_at")
+        .values_list("effective_at", flat=True)
+        .first()
     )
     if latest is not None and latest >= now:
         return latest + timedelta(microseconds=1)
@@ -339,7 +350,9 @@ def hot_swap(
     try:
         config = validate_upstream(upstream)
     except UpstreamInvalid as exc:
-        raise InvalidInput(f"Invalid upstream: {exc}", field="upstream", errors=exc.errors) from None
+        raise InvalidInput(
+            f"Invalid upstream: {exc}", field="upstream", errors=exc.errors
+        ) from None
     api_key = _clean_api_key(api_key)
     # Refuse before touching anything when the server cannot encrypt.
     try:
@@ -352,7 +365,9 @@ def hot_swap(
         if exp.status == S.COMPLETED:
             raise StructureLocked("Cannot hot-swap: experiment is completed.")
         previous = current_version(var, with_ciphertext=True) or (
-            VariantVersion.with_ciphertext.filter(variant=var).order_by("-effective_at", "-id").first()
+            VariantVersion.with_ciphertext.filter(variant=var)
+            .order_by("-effective_at", "-id")
+            .first()
         )
         if api_key is not None:
             envelope = _encrypt(api_key)
@@ -460,7 +475,9 @@ def activate(*, experiment: Experiment, by=None) -> Experiment:
         if problems:
             raise TransitionRefused(f"Cannot activate: {'; '.join(problems)}.")
         other = (
-            Experiment.objects.filter(public_model_id=exp.public_model_id, status__in=ROUTING_STATUSES)
+            Experiment.objects.filter(
+                public_model_id=exp.public_model_id, status__in=ROUTING_STATUSES
+            )
             .exclude(pk=exp.pk)
             .first()
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 from pydantic import ValidationError as PydanticValidationError
 
 
-class AiSdkProvider(str, Enum):
+class AiSdkProvider(StrEnum):
     ANTHROPIC = "anthropic"
     OPENAI = "openai"
     OPENAI_COMPATIBLE = "openai-compatible"
@@ -20,7 +20,7 @@ class AiSdkProvider(str, Enum):
     MISTRAL = "mistral"
 
 
-class ApiAdapter(str, Enum):
+class ApiAdapter(StrEnum):
     OPENAI_COMPLETIONS = "openai-completions"
     OPENAI_RESPONSES = "openai-responses"
     ANTHROPIC_MESSAGES = "anthropic-messages"
@@ -43,7 +43,9 @@ class OpenclawSettings(_Strict):
 
 
 class UpstreamConfig(_Strict):
-    internal_id: StrictStr = Field(min_length=1, title="Internal model id", description="Model id sent upstream.")
+    internal_id: StrictStr = Field(
+        min_length=1, title="Internal model id", description="Model id sent upstream."
+    )
     base_url: StrictStr = Field(
         title="Base URL", description="Upstream API root, e.g. https://partner.example/v1"
     )
@@ -87,9 +89,7 @@ class UpstreamInvalid(Exception):
 
     def __init__(self, errors: dict[str, list[str]]):
         self.errors = errors
-        super().__init__(
-            "; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in errors.items())
-        )
+        super().__init__("; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in errors.items()))
 
 
 def validate_upstream(raw: Any) -> dict[str, Any]:

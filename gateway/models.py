@@ -36,13 +36,18 @@ class GatewayUsage(models.Model):
 
     class Meta:
         db_table = "gateway_usage"
-        indexes = [models.Index(fields=["public_model_id", "created_at"], name="gw_usage_model_created")]
+        indexes = [
+            models.Index(fields=["public_model_id", "created_at"], name="gw_usage_model_created")
+        ]
         constraints = [
             models.CheckConstraint(
                 condition=Q(request_kind__in=[k.value for k in RequestKind]),
                 name="gateway_usage_request_kind_valid",
             )
         ]
+
+    def __str__(self) -> str:
+        return f"{self.public_model_id} {self.request_kind} {self.status_code}"
 
 
 class GatewayToken(models.Model):
@@ -53,7 +58,9 @@ class GatewayToken(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="gateway_tokens"
     )
     name = models.CharField(max_length=100, blank=True, default="")
-    token_prefix = models.CharField(max_length=16, help_text="First characters, to tell tokens apart.")
+    token_prefix = models.CharField(
+        max_length=16, help_text="First characters, to tell tokens apart."
+    )
     token_sha256 = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)

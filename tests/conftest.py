@@ -3,6 +3,7 @@ DATABASE_URL / REDIS_URL (SQLite and local memory when unset)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -16,15 +17,12 @@ CANARY_API_KEY = "sk-canary-7f3c9a1e5b2d4c6a8e0f1a3b5c7d9e1f"
 
 @pytest.fixture(autouse=True)
 def _clean_cache():
-    try:
+    # A test may point the cache at a closed port on purpose.
+    with contextlib.suppress(Exception):
         cache.clear()
-    except Exception:  # a test may point the cache at a closed port on purpose
-        pass
     yield
-    try:
+    with contextlib.suppress(Exception):
         cache.clear()
-    except Exception:
-        pass
 
 
 @pytest.fixture

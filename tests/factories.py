@@ -58,7 +58,9 @@ class VariantFactory(factory.django.DjangoModelFactory):
     weight = 1
 
 
-def upstream_config(internal_id: str = "partner-model-rc1", base_url: str = "http://127.0.0.1:9/v1", **extra):
+def upstream_config(
+    internal_id: str = "partner-model-rc1", base_url: str = "http://127.0.0.1:9/v1", **extra
+):
     return {"internal_id": internal_id, "base_url": base_url, **extra}
 
 
@@ -87,10 +89,14 @@ def make_experiment(
     started = timezone.now() if status != ExperimentStatus.DRAFT else None
     experiment = ExperimentFactory(status=status, started_at=started, **fields)
     for index, weight in enumerate(weights):
-        variant = VariantFactory(experiment=experiment, label=f"slot-{chr(ord('a') + index)}", weight=weight)
+        variant = VariantFactory(
+            experiment=experiment, label=f"slot-{chr(ord('a') + index)}", weight=weight
+        )
         VariantVersionFactory(
             variant=variant,
-            upstream=upstream_config(internal_id=f"secret-rc-{index}-{experiment.pk.hex[:6]}", base_url=base_url),
+            upstream=upstream_config(
+                internal_id=f"secret-rc-{index}-{experiment.pk.hex[:6]}", base_url=base_url
+            ),
             api_key=api_key,
         )
     return experiment
