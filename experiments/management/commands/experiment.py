@@ -96,8 +96,15 @@ class Command(BaseCommand):
         parser.add_argument("--by", metavar="USERNAME", help="Record this user in the history.")
         # The same options after the subcommand; SUPPRESS keeps a value given before it.
         shared = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-        shared.add_argument("--by", metavar="USERNAME", default=argparse.SUPPRESS)
+        shared.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="Print one JSON object."
+        )
+        shared.add_argument(
+            "--by",
+            metavar="USERNAME",
+            default=argparse.SUPPRESS,
+            help="Record this user in the history.",
+        )
         sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
 
         def add(name: str, help_text: str) -> CommandParser:
