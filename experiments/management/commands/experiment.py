@@ -1,0 +1,579 @@
+"""``manage.py experiment SUBCOMMAND``: the operator's scriptable twin of the admin.
+
+Every write goes through ``experiments.services``, the one home of the lifecycle
+rules; this module only parses arguments, resolves ids, reads partner keys and
+formats output.
+
+Conventions:
+
+* ``--json`` and ``--by USERNAME`` are accepted before or after the subcommand.
+* Success: text on stdout (or one JSON object ``{"ok": true, ...}`` with ``--json``),
+  exit status 0. An idempotent repeat (activating an active experiment) is a
+  success that reports ``changed: false``.
+* Refusal or bad input: a one-line reason on stderr (``CommandError: ...``) and
+  exit status 1; with ``--json`` the same reason is also printed on stdout as
+  ``{"ok": false, "error": "..."}``. Usage errors caught by the argument parser
+  (unknown subcommand, missing required option) exit with status 2 and no JSON.
+* A partner key is read from the environment variable named by ``--api-key-env``
+  or typed at a hidden prompt; never from an argument, which would land in shell
+  history and process lists. Neither the key nor its ciphertext is ever printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db.models import BooleanField, Count, ExpressionWrapper, Q
+
+from experiments import services
+from experiments.models import Experiment, Variant, VariantVersion
+
+#: Larger upstream files are certainly a mistake (the allowlist is a handful of fields).
+MAX_UPSTREAM_FILE_BYTES = 256 * 1024
+ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _timestamp(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="seconds") if moment else None
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [
+        max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)
+    ]
+    return [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in (headers, *rows)
+    ]
+
+
+def _redact_unrecognized(error: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap a parser's ``error`` so a mistyped ``--api-key sk-...`` is never echoed back."""
+
+    def redacted(message: str) -> Any:
+        prefix = "unrecognized arguments:"
+        if message.startswith(prefix):
+            tokens = message[len(prefix) :].split()
+            names = [token.split("=", 1)[0] for token in tokens if token.startswith("--")]
+            message = " ".join([prefix, *names, "(values not shown)"])
+        return error(message)
+
+    return redacted
+
+
+class Command(BaseCommand):
+    help = (
+        "Manage model experiments: list, show, create, edit variants, hot-swap checkpoints, "
+        "rotate keys and move through the lifecycle. All rules live in experiments.services."
+    )
+
+    # --- arguments -------------------------------------------------------------------
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        # No prefix matching: `--api-key sk-...` must not be taken for `--api-key-env`.
+        kwargs.setdefault("allow_abbrev", False)
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        parser.error = _redact_unrecognized(parser.error)
+        return parser
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+        parser.add_argument("--by", metavar="USERNAME", help="Record this user in the history.")
+        # The same options after the subcommand; SUPPRESS keeps a value given before it.
+        shared = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        shared.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="Print one JSON object."
+        )
+        shared.add_argument(
+            "--by",
+            metavar="USERNAME",
+            default=argparse.SUPPRESS,
+            help="Record this user in the history.",
+        )
+        sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+
+        def add(name: str, help_text: str) -> CommandParser:
+            return sub.add_parser(name, help=help_text, parents=[shared], allow_abbrev=False)
+
+        self._add_read_commands(add)
+        self._add_experiment_commands(add)
+        self._add_variant_commands(add)
+        self._add_checkpoint_commands(add)
+        for action, verb in (
+            ("activate", "Activate a draft or resume a paused experiment."),
+            ("pause", "Pause an active experiment (its id answers 404 until resumed)."),
+            ("complete", "Complete an active or paused experiment (terminal)."),
+            ("archive", "Hide an experiment from default lists (not while active)."),
+            ("unarchive", "Show an archived experiment in default lists again."),
+        ):
+            add(action, verb).add_argument("id", help="Experiment id.")
+
+    @staticmethod
+    def _add_read_commands(add: Callable[[str, str], CommandParser]) -> None:
+        listing = add("list", "List experiments (archived ones only with --all).")
+        listing.add_argument("--all", action="store_true", help="Include archived experiments.")
+        add("show", "Show an experiment, its variants and their current checkpoints.").add_argument(
+            "id", help="Experiment id."
+        )
+
+    @staticmethod
+    def _add_experiment_commands(add: Callable[[str, str], CommandParser]) -> None:
+        create = add("create", "Create a draft experiment; prints its id.")
+        create.add_argument("--public-model-id", required=True, help="e.g. kilo/preview-foo")
+        create.add_argument("--name", required=True)
+        create.add_argument("--description", default="")
+        update = add("update", "Change name, description or (draft only) public model id.")
+        update.add_argument("id", help="Experiment id.")
+        update.add_argument("--name")
+        update.add_argument("--description")
+        update.add_argument("--public-model-id")
+        delete = add("delete", "Delete a draft experiment (asks for confirmation).")
+        delete.add_argument("id", help="Experiment id.")
+        delete.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
+
+    @staticmethod
+    def _add_variant_commands(add: Callable[[str, str], CommandParser]) -> None:
+        variant = add("add-variant", "Add a variant slot to a draft; prints its id.")
+        variant.add_argument("id", help="Experiment id.")
+        variant.add_argument("--label", required=True)
+        # Strings on purpose: the service owns the "positive whole number" rule.
+        variant.add_argument("--weight", required=True)
+        add("remove-variant", "Remove a variant slot from a draft.").add_argument(
+            "variant_id", help="Variant id."
+        )
+        label = add("label", "Relabel a variant (cosmetic; never rebuckets).")
+        label.add_argument("variant_id", help="Variant id.")
+        label.add_argument("label")
+        weight = add("weight", "Set a variant's weight (draft only).")
+        weight.add_argument("variant_id", help="Variant id.")
+        weight.add_argument("weight")
+
+    @staticmethod
+    def _add_checkpoint_commands(add: Callable[[str, str], CommandParser]) -> None:
+        swap = add("swap", "Hot-swap a new checkpoint into a variant slot.")
+        swap.add_argument("variant_id", help="Variant id.")
+        swap.add_argument(
+            "--upstream-file",
+            required=True,
+            metavar="PATH|-",
+            help="Upstream JSON (SPEC §5 allowlist); '-' reads stdin.",
+        )
+        swap.add_argument(
+            "--api-key-env",
+            metavar="VAR",
+            help="Environment variable holding a new partner key (omit to keep the current key).",
+        )
+        rotate = add("rotate-key", "Rotate a variant's partner key (same upstream).")
+        rotate.add_argument("variant_id", help="Variant id.")
+        rotate.add_argument(
+            "--api-key-env",
+            metavar="VAR",
+            help="Environment variable holding the new key (prompted for when omitted).",
+        )
+
+    # --- dispatch --------------------------------------------------------------------
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self.as_json = options["json"]
+        name = options["subcommand"]
+        try:
+            self.actor = self._resolve_actor(options["by"])
+            if name in services.TRANSITIONS:
+                self._transition(name, options)
+            else:
+                getattr(self, "_cmd_" + name.replace("-", "_"))(options)
+        except CommandError as exc:
+            if self.as_json:
+                self.stdout.write(json.dumps({"ok": False, "error": str(exc)}))
+            raise
+
+    def _emit(self, text: str | list[str], payload: dict[str, Any]) -> None:
+        if self.as_json:
+            self.stdout.write(json.dumps({"ok": True, **payload}))
+        else:
+            self.stdout.write("\n".join(text) if isinstance(text, list) else text)
+
+    @staticmethod
+    def _call(service: Callable[..., Any], **kwargs: Any) -> Any:
+        try:
+            return service(**kwargs)
+        except services.ExperimentError as exc:
+            raise CommandError(_one_line(exc.message)) from None
+
+    # --- lookups ---------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_actor(username: str | None):
+        if username is None:
+            return None  # the services record their service user
+        User = get_user_model()
+        try:
+            return User.objects.get(**{User.USERNAME_FIELD: username})
+        except User.DoesNotExist:
+            raise CommandError(f"--by: no user named {username!r}.") from None
+
+    @staticmethod
+    def _uuid(value: str, what: str) -> uuid.UUID:
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            raise CommandError(f"{value!r} is not a valid {what} id (expected a UUID).") from None
+
+    def _experiment(self, value: str) -> Experiment:
+        pk = self._uuid(value, "experiment")
+        experiment = Experiment.objects.filter(pk=pk).select_related("created_by").first()
+        if experiment is None:
+            raise CommandError(f"Experiment {pk} does not exist.")
+        return experiment
+
+    def _variant(self, value: str) -> Variant:
+        pk = self._uuid(value, "variant")
+        variant = Variant.objects.filter(pk=pk).select_related("experiment").first()
+        if variant is None:
+            raise CommandError(f"Variant {pk} does not exist.")
+        return variant
+
+    # --- reading ---------------------------------------------------------------------
+
+    @staticmethod
+    def _summary(experiment: Experiment) -> dict[str, Any]:
+        return {
+            "id": str(experiment.pk),
+            "public_model_id": experiment.public_model_id,
+            "name": experiment.name,
+            "description": experiment.description,
+            "status": experiment.status,
+            "is_archived": experiment.is_archived,
+            "created_by": experiment.created_by.get_username() if experiment.created_by else None,
+            "created_at": _timestamp(experiment.created_at),
+            "updated_at": _timestamp(experiment.updated_at),
+            "started_at": _timestamp(experiment.started_at),
+            "ended_at": _timestamp(experiment.ended_at),
+        }
+
+    @staticmethod
+    def _current_checkpoint(variant: Variant) -> dict[str, Any] | None:
+        # The default manager defers the ciphertext; "key configured" is computed in SQL
+        # so the ciphertext itself is never selected.
+        version = (
+            VariantVersion.objects.filter(variant=variant)
+            .effective_at()
+            .annotate(
+                key_configured=ExpressionWrapper(
+                    Q(encrypted_api_key__isnull=False), output_field=BooleanField()
+                )
+            )
+            .first()
+        )
+        if version is None:
+            return None
+        return {
+            "id": str(version.pk),
+            "internal_id": version.internal_id,
+            "base_url_host": version.base_url_host,
+            "effective_at": _timestamp(version.effective_at),
+            "key_configured": bool(version.key_configured),
+        }
+
+    def _variants(self, experiment: Experiment) -> list[dict[str, Any]]:
+        variants = list(experiment.variants.order_by("id"))
+        total = sum(v.weight for v in variants)
+        return [
+            {
+                "id": str(v.pk),
+                "label": v.label,
+                "weight": v.weight,
+                "share_percent": round(100 * v.weight / total, 2) if total else 0.0,
+                "current_checkpoint": self._current_checkpoint(v),
+            }
+            for v in variants
+        ]
+
+    def _cmd_list(self, options: dict[str, Any]) -> None:
+        experiments = Experiment.objects.select_related("created_by").annotate(
+            variant_count=Count("variants")
+        )
+        if not options["all"]:
+            experiments = experiments.filter(is_archived=False)
+        rows = [
+            {**self._summary(exp), "variant_count": exp.variant_count}
+            for exp in experiments.order_by("-created_at", "id")
+        ]
+        headers = ("ID", "STATUS", "ARCHIVED", "VARIANTS", "PUBLIC MODEL ID", "NAME")
+        cells = [
+            (
+                row["id"],
+                row["status"],
+                "yes" if row["is_archived"] else "no",
+                str(row["variant_count"]),
+                row["public_model_id"],
+                row["name"],
+            )
+            for row in rows
+        ]
+        text = _table(headers, cells) if rows else ["No experiments."]
+        self._emit(text, {"experiments": rows})
+
+    def _cmd_show(self, options: dict[str, Any]) -> None:
+        experiment = self._experiment(options["id"])
+        summary = {**self._summary(experiment), "variants": self._variants(experiment)}
+        lines = [
+            f"Experiment {summary['id']}",
+            *(
+                f"  {label:<16} {value if value not in (None, '') else '-'}"
+                for label, value in (
+                    ("name", summary["name"]),
+                    ("public model id", summary["public_model_id"]),
+                    ("status", summary["status"]),
+                    ("archived", "yes" if summary["is_archived"] else "no"),
+                    ("description", summary["description"]),
+                    ("created", f"{summary['created_at']} by {summary['created_by'] or '-'}"),
+                    ("started", summary["started_at"]),
+                    ("ended", summary["ended_at"]),
+                )
+            ),
+            "",
+            *self._variant_lines(summary["variants"]),
+        ]
+        self._emit(lines, {"experiment": summary})
+
+    @staticmethod
+    def _variant_lines(variants: list[dict[str, Any]]) -> list[str]:
+        if not variants:
+            return ["No variants."]
+        headers = ("VARIANT ID", "LABEL", "WEIGHT", "SHARE", "CHECKPOINT", "VERSION ID")
+        headers += ("BASE URL HOST", "EFFECTIVE AT", "KEY")
+        rows = []
+        for v in variants:
+            cp = v["current_checkpoint"] or {}
+            rows.append(
+                (
+                    v["id"],
+                    v["label"],
+                    str(v["weight"]),
+                    f"{v['share_percent']:.1f}%",
+                    cp.get("internal_id", "(no checkpoint)"),
+                    cp.get("id", "-"),
+                    cp.get("base_url_host", "-"),
+                    cp.get("effective_at", "-"),
+                    "configured" if cp.get("key_configured") else "-",
+                )
+            )
+        return ["Variants (id order, the order users are bucketed in):", *_table(headers, rows)]
+
+    # --- experiments -----------------------------------------------------------------
+
+    def _cmd_create(self, options: dict[str, Any]) -> None:
+        experiment = self._call(
+            services.create_experiment,
+            public_model_id=options["public_model_id"],
+            name=options["name"],
+            description=options["description"],
+            by=self.actor,
+        )
+        self._emit(
+            str(experiment.pk), {"id": str(experiment.pk), "experiment": self._summary(experiment)}
+        )
+
+    def _cmd_update(self, options: dict[str, Any]) -> None:
+        fields = {k: options[k] for k in ("name", "description", "public_model_id")}
+        if all(value is None for value in fields.values()):
+            raise CommandError(
+                "Nothing to update: pass --name, --description or --public-model-id."
+            )
+        experiment = self._experiment(options["id"])
+        updated = self._call(
+            services.update_experiment, experiment=experiment, by=self.actor, **fields
+        )
+        self._emit(f"Updated experiment {updated.pk}.", {"experiment": self._summary(updated)})
+
+    def _cmd_delete(self, options: dict[str, Any]) -> None:
+        experiment = self._experiment(options["id"])
+        if not options["yes"]:
+            self._confirm_delete(experiment)
+        self._call(services.delete_experiment, experiment=experiment, by=self.actor)
+        self._emit(f"Deleted experiment {experiment.pk}.", {"id": str(experiment.pk)})
+
+    def _confirm_delete(self, experiment: Experiment) -> None:
+        if not sys.stdin.isatty():
+            raise CommandError("Refusing to delete without confirmation: pass --yes.")
+        # The prompt goes to stderr so stdout stays clean for scripts.
+        self.stderr.write(
+            f"Delete experiment {experiment.name!r} ({experiment.pk})? Type 'yes' to confirm: ",
+            ending="",
+        )
+        self.stderr.flush()
+        if sys.stdin.readline().strip().lower() != "yes":
+            raise CommandError("Not confirmed; nothing was deleted.")
+
+    # --- variants --------------------------------------------------------------------
+
+    def _cmd_add_variant(self, options: dict[str, Any]) -> None:
+        experiment = self._experiment(options["id"])
+        variant = self._call(
+            services.add_variant,
+            experiment=experiment,
+            label=options["label"],
+            weight=options["weight"],
+            by=self.actor,
+        )
+        self._emit(str(variant.pk), {"id": str(variant.pk), "variant": self._variant_json(variant)})
+
+    def _cmd_remove_variant(self, options: dict[str, Any]) -> None:
+        variant = self._variant(options["variant_id"])
+        self._call(services.remove_variant, variant=variant, by=self.actor)
+        self._emit(f"Removed variant {variant.pk}.", {"id": str(variant.pk)})
+
+    def _cmd_label(self, options: dict[str, Any]) -> None:
+        variant = self._variant(options["variant_id"])
+        renamed = self._call(
+            services.rename_variant, variant=variant, label=options["label"], by=self.actor
+        )
+        self._emit(
+            f"Variant {renamed.pk} is labelled {renamed.label!r}.",
+            {"variant": self._variant_json(renamed)},
+        )
+
+    def _cmd_weight(self, options: dict[str, Any]) -> None:
+        variant = self._variant(options["variant_id"])
+        updated = self._call(
+            services.set_variant_weight, variant=variant, weight=options["weight"], by=self.actor
+        )
+        self._emit(
+            f"Variant {updated.pk} has weight {updated.weight}.",
+            {"variant": self._variant_json(updated)},
+        )
+
+    @staticmethod
+    def _variant_json(variant: Variant) -> dict[str, Any]:
+        return {
+            "id": str(variant.pk),
+            "experiment_id": str(variant.experiment_id),
+            "label": variant.label,
+            "weight": variant.weight,
+        }
+
+    # --- checkpoints -----------------------------------------------------------------
+
+    def _cmd_swap(self, options: dict[str, Any]) -> None:
+        variant = self._variant(options["variant_id"])
+        from_stdin = options["upstream_file"] == "-"
+        upstream = self._read_upstream(options["upstream_file"])
+        if options["api_key_env"]:
+            api_key = self._key_from_env(options["api_key_env"])
+        elif not from_stdin and sys.stdin.isatty():
+            api_key = self._prompt_key(
+                f"Partner API key for {variant.label!r} (empty keeps the current key): "
+            )
+        else:
+            api_key = None  # the service reuses the previous ciphertext, or refuses
+        version = self._call(
+            services.hot_swap, variant=variant, upstream=upstream, api_key=api_key, by=self.actor
+        )
+        self._emit_version("Hot-swapped", variant, version, new_key=api_key is not None)
+
+    def _cmd_rotate_key(self, options: dict[str, Any]) -> None:
+        variant = self._variant(options["variant_id"])
+        if options["api_key_env"]:
+            api_key = self._key_from_env(options["api_key_env"])
+        elif sys.stdin.isatty():
+            api_key = self._prompt_key(f"New partner API key for {variant.label!r}: ")
+        else:
+            raise CommandError(
+                "rotate-key needs a key: pass --api-key-env VAR or run it in a terminal."
+            )
+        version = self._call(services.rotate_key, variant=variant, api_key=api_key, by=self.actor)
+        self._emit_version("Rotated the key of", variant, version, new_key=True)
+
+    def _emit_version(
+        self, verb: str, variant: Variant, version: VariantVersion, *, new_key: bool
+    ) -> None:
+        checkpoint = {
+            "id": str(version.pk),
+            "variant_id": str(variant.pk),
+            "internal_id": version.internal_id,
+            "base_url_host": version.base_url_host,
+            "effective_at": _timestamp(version.effective_at),
+            "new_key": new_key,
+        }
+        self._emit(
+            f"{verb} variant {variant.label!r}: version {version.pk} "
+            f"({version.internal_id} at {version.base_url_host}), key "
+            f"{'replaced' if new_key else 'kept'}.",
+            {"version": checkpoint},
+        )
+
+    @staticmethod
+    def _read_upstream(path: str) -> Any:
+        source = "stdin" if path == "-" else f"upstream file {path}"
+        try:
+            if path == "-":
+                text = sys.stdin.read(MAX_UPSTREAM_FILE_BYTES + 1)
+            else:
+                with open(path, encoding="utf-8") as handle:
+                    text = handle.read(MAX_UPSTREAM_FILE_BYTES + 1)
+        except OSError as exc:
+            raise CommandError(f"Cannot read {source}: {exc.strerror or exc}.") from None
+        except UnicodeDecodeError:
+            raise CommandError(f"Cannot read {source}: not UTF-8 text.") from None
+        if len(text) > MAX_UPSTREAM_FILE_BYTES:
+            raise CommandError(f"The {source} is larger than {MAX_UPSTREAM_FILE_BYTES} bytes.")
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            # Position only: the file's text is never echoed (it might hold a key by mistake).
+            raise CommandError(
+                f"The {source} is not valid JSON ({exc.msg} at line {exc.lineno} "
+                f"column {exc.colno})."
+            ) from None
+
+    @staticmethod
+    def _key_from_env(name: str) -> str:
+        # The operator names the variable; reading it here is the whole point of the option.
+        # The name is never echoed: a key pasted in its place must not reach the output.
+        if not ENV_VAR_NAME.fullmatch(name):
+            raise CommandError(
+                "--api-key-env takes the NAME of an environment variable holding the key, "
+                "not the key itself."
+            )
+        value = os.environ.get(name)
+        if value is None:
+            raise CommandError("The environment variable named by --api-key-env is not set.")
+        if not value.strip():
+            raise CommandError("The environment variable named by --api-key-env is empty.")
+        return value
+
+    @staticmethod
+    def _prompt_key(prompt: str) -> str | None:
+        value = getpass.getpass(prompt)
+        return value if value.strip() else None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def _transition(self, action: str, options: dict[str, Any]) -> None:
+        experiment = self._experiment(options["id"])
+        before = (experiment.status, experiment.is_archived)
+        after = self._call(services.TRANSITIONS[action], experiment=experiment, by=self.actor)
+        changed = (after.status, after.is_archived) != before
+        state = f"{after.status}, {'archived' if after.is_archived else 'not archived'}"
+        text = (
+            f"Experiment {after.pk}: {action} done; now {state}."
+            if changed
+            else f"Experiment {after.pk}: {action}: nothing to do; already {state}."
+        )
+        self._emit(text, {"action": action, "changed": changed, "experiment": self._summary(after)})
