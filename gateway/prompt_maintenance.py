@@ -9,9 +9,10 @@ GC safety (see also the layout notes in ``gateway.prompt_store``):
   their parts alive, so one run collects both.
 * The store refreshes the age of a blob it reuses, and GC re-reads a
   candidate's age right before deleting it: a blob that became referenced
-  again during the run is young again and kept. GC stops deleting if it runs
-  longer than the grace period minus the store's part-touch TTL, the window in
-  which that argument holds.
+  again during the run is young again and kept, and so are the parts of a
+  request blob kept that way (request candidates are handled before parts).
+  GC stops deleting if it runs longer than the grace period minus the store's
+  part-touch TTL, the window in which that argument holds.
 """
 
 from __future__ import annotations
@@ -137,6 +138,13 @@ def _referenced_request_digests() -> set[bytes]:
     return {bytes.fromhex(value) for value in hashes.iterator(chunk_size=10_000)}
 
 
+def _parts_of(backend, key: str) -> set[str]:
+    try:
+        return manifest_part_digests(backend.read(key))
+    except (KeyError, ValueError):
+        return set()
+
+
 def collect_garbage(
     store: PromptStore,
     *,
@@ -197,14 +205,20 @@ def collect_garbage(
 
     # Request blobs come first in ``candidates``: a crash half-way never leaves a
     # manifest pointing at a part this run deleted.
+    rescued_parts: set[str] = set()
     for done, blob in enumerate(candidates, start=1):
         if not dry_run:
             if time.monotonic() > deadline:
                 summary.stopped_early = True
                 break
+            kind = _kind(blob)
             modified = backend.modified(blob.key)
-            if modified is None or modified > cutoff:
+            if modified is None or modified > cutoff or blob.sha256 in rescued_parts:
+                # Reused since the scan: a writer that finds a request blob touches
+                # only that blob, so its parts must be spared here too.
                 summary.skipped_changed += 1
+                if kind == "request" and modified is not None:
+                    rescued_parts |= _parts_of(backend, blob.key)
                 report("delete", done, len(candidates))
                 continue
             backend.delete(blob.key)
