@@ -1,0 +1,179 @@
+"""``manage.py prompts wipe|gc``: remove stored prompts of an experiment, collect orphan blobs."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from datetime import datetime, timedelta
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
+
+from experiments.models import Experiment
+from gateway.prompt_maintenance import (
+    DEFAULT_GRACE,
+    MIN_GRACE,
+    GcSummary,
+    Tally,
+    collect_garbage,
+    count_wipeable,
+    wipe_prompts,
+)
+from gateway.prompt_store import get_prompt_store
+
+BAR_WIDTH = 30
+
+
+def parse_before(raw: str) -> datetime:
+    """A date (midnight, server time zone) or an ISO datetime (naive = server time zone)."""
+    try:
+        moment = parse_datetime(raw)
+        if moment is None:
+            day = parse_date(raw)
+            if day is None:
+                raise ValueError
+            moment = datetime(day.year, day.month, day.day)
+    except ValueError:
+        raise CommandError(f"--before {raw!r} is not a date (YYYY-MM-DD) or ISO datetime") from None
+    if timezone.is_naive(moment):
+        moment = timezone.make_aware(moment)
+    return moment
+
+
+def format_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+class Command(BaseCommand):
+    help = "Wipe an experiment's stored prompts, or garbage-collect unreferenced prompt blobs."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        actions = parser.add_subparsers(dest="action", required=True, metavar="{wipe,gc}")
+        wipe = actions.add_parser(
+            "wipe", help="Replace an experiment's prompt hashes with __deleted__."
+        )
+        wipe.add_argument("--experiment", required=True, help="Experiment id (UUID).")
+        wipe.add_argument("--before", help="Only rows created before this date or ISO datetime.")
+        wipe.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
+        gc = actions.add_parser("gc", help="Delete blobs no row and no live manifest references.")
+        gc.add_argument("--dry-run", action="store_true", help="Report, delete nothing.")
+        gc.add_argument(
+            "--grace-minutes",
+            default=str(int(DEFAULT_GRACE.total_seconds() // 60)),
+            help="Never delete a blob younger than this (default %(default)s, "
+            f"minimum {int(MIN_GRACE.total_seconds() // 60)}).",
+        )
+
+    def handle(self, *args, **options) -> None:
+        if options["action"] == "wipe":
+            self.wipe(options)
+        else:
+            self.gc(options)
+
+    # --- wipe ---
+
+    def wipe(self, options: dict) -> None:
+        raw_id = options["experiment"]
+        try:
+            experiment_id = uuid.UUID(raw_id)
+        except ValueError:
+            raise CommandError(f"--experiment {raw_id!r} is not an experiment id (UUID)") from None
+        experiment = Experiment.objects.filter(pk=experiment_id).first()
+        if experiment is None:
+            raise CommandError(f"no experiment with id {experiment_id}")
+        before = parse_before(options["before"]) if options["before"] else None
+
+        pending = count_wipeable(experiment=experiment, before=before)
+        scope = f" before {before.isoformat()}" if before else ""
+        if pending and not options["yes"]:
+            if not sys.stdin.isatty():
+                raise CommandError(
+                    "refusing to wipe without confirmation: pass --yes (stdin is not a terminal)"
+                )
+            answer = input(
+                f"Wipe the stored prompts of {pending} request(s) of experiment "
+                f"{experiment.name!r}{scope}? [y/N] "
+            )
+            if answer.strip().lower() not in {"y", "yes"}:
+                raise CommandError("aborted: nothing was changed")
+        result = wipe_prompts(experiment=experiment, before=before)
+        self.stdout.write(
+            f"experiment {experiment.pk}{scope}: wiped {result.wiped} prompt hash(es); "
+            f"{result.already_deleted} already deleted; "
+            f"{result.failed_left} failed capture(s) left as __failed__. "
+            "Attribution rows are unchanged; run `prompts gc` to free the blobs."
+        )
+
+    # --- gc ---
+
+    def gc(self, options: dict) -> None:
+        raw_grace = options["grace_minutes"]
+        try:
+            grace = timedelta(minutes=int(raw_grace))
+        except ValueError:
+            raise CommandError(f"--grace-minutes {raw_grace!r} is not a whole number") from None
+        if grace < MIN_GRACE:
+            raise CommandError(
+                f"--grace-minutes must be at least {int(MIN_GRACE.total_seconds() // 60)} "
+                "so writes in flight stay safe"
+            )
+        try:
+            store = get_prompt_store()
+        except (ValueError, ImportError) as error:
+            raise CommandError(f"prompt store is not usable: {error}") from None
+        summary = collect_garbage(
+            store, grace=grace, dry_run=options["dry_run"], progress=self._progress_bar()
+        )
+        self._print_summary(summary, grace)
+
+    def _progress_bar(self):
+        last_drawn: dict[str, int] = {}
+
+        def draw(phase: str, done: int, total: int) -> None:
+            filled = BAR_WIDTH * done // total if total else BAR_WIDTH
+            if last_drawn.get(phase) == filled and done != total:
+                return  # redraw only when the bar moves
+            last_drawn[phase] = filled
+            bar = "#" * filled + "." * (BAR_WIDTH - filled)
+            ending = "\n" if done == total else ""
+            self.stderr.write(
+                f"\r{phase:<6} [{bar}] {done}/{total}", ending=ending, style_func=lambda s: s
+            )
+
+        return draw
+
+    def _print_summary(self, summary: GcSummary, grace: timedelta) -> None:
+        def line(label: str, bucket: dict[str, Tally]) -> str:
+            total = Tally(
+                count=sum(t.count for t in bucket.values()),
+                bytes=sum(t.bytes for t in bucket.values()),
+            )
+            detail = ", ".join(
+                f"{kind}s {tally.count} ({format_bytes(tally.bytes)})"
+                for kind, tally in sorted(bucket.items())
+            )
+            return f"{label}: {total.count} blob(s), {format_bytes(total.bytes)}" + (
+                f" [{detail}]" if detail else ""
+            )
+
+        removed_label = "would remove" if summary.dry_run else "removed"
+        self.stdout.write(line("kept, referenced", summary.kept_referenced))
+        minutes = int(grace.total_seconds() // 60)
+        self.stdout.write(line(f"kept, younger than {minutes} min", summary.kept_young))
+        self.stdout.write(line(removed_label, summary.removed))
+        if summary.skipped_changed:
+            self.stdout.write(f"kept, touched during the run: {summary.skipped_changed}")
+        if summary.unreadable_manifests:
+            self.stdout.write(f"unreadable manifests (kept): {summary.unreadable_manifests}")
+        if summary.missing_referenced:
+            self.stdout.write(f"rows pointing at a missing blob: {summary.missing_referenced}")
+        if summary.stopped_early:
+            self.stdout.write("stopped early: the run outlasted its safety window; run gc again")
+        if summary.dry_run:
+            self.stdout.write("dry run: nothing was deleted")
