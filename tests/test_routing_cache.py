@@ -297,3 +297,23 @@ def test_cache_heals_on_the_next_change_after_an_outage(committed, redis_down):
     committed(services.activate, experiment=later)
 
     assert _ids() == sorted([missed.public_model_id, later.public_model_id])
+
+
+@pytest.mark.django_db
+def test_membership_built_before_a_concurrent_commit_is_corrected_after_writing(
+    committed, monkeypatch
+):
+    # Simulates a refresh that read the database before another commit landed
+    # and wrote its set after that commit's own refresh.
+    experiment = make_experiment()
+    real_build = routing_cache.build_membership
+    stale_views = [[]]
+    monkeypatch.setattr(
+        routing_cache,
+        "build_membership",
+        lambda: stale_views.pop() if stale_views else real_build(),
+    )
+
+    committed(services.activate, experiment=experiment)
+
+    assert _ids() == [experiment.public_model_id]
