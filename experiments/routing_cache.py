@@ -133,12 +133,33 @@ def write_payload(public_model_id: str, payload: dict[str, Any] | None) -> None:
         cache.set(payload_key(public_model_id), json.dumps(payload), timeout=PAYLOAD_TTL_SECONDS)
 
 
+#: Bound on re-writes when concurrent commits keep changing the set underneath us.
+MEMBERSHIP_WRITE_ATTEMPTS = 3
+
+
+def _write_membership_until_settled() -> None:
+    """Write membership, then re-read the database and write again if it moved.
+
+    Two refreshes can interleave so that the one built *before* the other's
+    commit is written *after* it, leaving a stale set until the next change.
+    Re-reading after our write sees every commit that preceded it, so the last
+    writer to finish always leaves the current set.
+    """
+    current = build_membership()
+    for _ in range(MEMBERSHIP_WRITE_ATTEMPTS):
+        write_membership(current)
+        latest = build_membership()
+        if latest == current:
+            return
+        current = latest
+
+
 def refresh(public_model_ids: Iterable[str]) -> bool:
     """Invalidate the payloads of these ids and rewrite membership. Never raises."""
     ids = {pid for pid in public_model_ids if pid}
     try:
         cache.delete_many([payload_key(pid) for pid in ids])
-        write_membership(build_membership())
+        _write_membership_until_settled()
         return True
     except Exception as exc:  # Redis down: the write that triggered us must still land.
         logger.warning(

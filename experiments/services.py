@@ -429,11 +429,21 @@ def rotate_key(*, variant: Variant, api_key: str, by=None) -> VariantVersion:
 # --- lifecycle ---------------------------------------------------------------
 
 
-def _conflict_message(exp: Experiment, other: Experiment | None = None) -> str:
-    holder = f" ({other.name}, {other.status})" if other is not None else ""
+def _conflict_message(exp: Experiment) -> str:
+    # Deliberately names no holder: the pre-check and the unique-index path must
+    # give the very same message, and only the pre-check could see the holder.
     return (
-        f"Cannot activate: another experiment{holder} is already active or paused on "
+        f"Cannot activate: another experiment is already active or paused on "
         f"{exp.public_model_id!r}. Complete it first."
+    )
+
+
+def _public_id_held_by_another(exp: Experiment) -> bool:
+    """The friendly pre-check; the partial unique index stays the authority."""
+    return (
+        Experiment.objects.filter(public_model_id=exp.public_model_id, status__in=ROUTING_STATUSES)
+        .exclude(pk=exp.pk)
+        .exists()
     )
 
 
@@ -474,15 +484,8 @@ def activate(*, experiment: Experiment, by=None) -> Experiment:
         problems = activation_problems(exp)
         if problems:
             raise TransitionRefused(f"Cannot activate: {'; '.join(problems)}.")
-        other = (
-            Experiment.objects.filter(
-                public_model_id=exp.public_model_id, status__in=ROUTING_STATUSES
-            )
-            .exclude(pk=exp.pk)
-            .first()
-        )
-        if other is not None:
-            raise ActivationConflict(_conflict_message(exp, other))
+        if _public_id_held_by_another(exp):
+            raise ActivationConflict(_conflict_message(exp))
         previous = exp.status
         exp.status = S.ACTIVE
         if exp.started_at is None:

@@ -31,14 +31,19 @@ class _Strict(BaseModel):
 
 
 class OpencodeSettings(_Strict):
+    # strict=False here only: in strict mode pydantic wants an enum *instance*
+    # and refuses the JSON string; lax enum validation still accepts nothing but
+    # the listed values.
     ai_sdk_provider: AiSdkProvider | None = Field(
-        default=None, description="Which API family the checkpoint speaks."
+        default=None, strict=False, description="Which API family the checkpoint speaks."
     )
 
 
 class OpenclawSettings(_Strict):
     api_adapter: ApiAdapter | None = Field(
-        default=None, description="Which API family the checkpoint speaks, for openclaw clients."
+        default=None,
+        strict=False,  # see OpencodeSettings
+        description="Which API family the checkpoint speaks, for openclaw clients.",
     )
 
 
