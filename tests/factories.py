@@ -28,7 +28,7 @@ class UserFactory(factory.django.DjangoModelFactory):
 
     username = factory.Sequence(lambda n: f"user{n}")
     email = factory.LazyAttribute(lambda u: f"{u.username}@example.com")
-    password = factory.PostGenerationMethodCall("set_password", "pw-for-tests-1234")
+    password = factory.django.Password("pw-for-tests-1234")
 
 
 class StaffUserFactory(UserFactory):
