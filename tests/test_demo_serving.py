@@ -8,6 +8,7 @@ DATABASE_URL is PostgreSQL, else an SQLite file), as `bash .ci/demo` would run i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -171,6 +172,14 @@ def test_demo_admin_credentials_printed_by_the_demo_log_in(demo):
 def test_demo_upstream_runs_and_demands_the_partner_key(demo):
     response = httpx.get(f"http://127.0.0.1:{demo.upstream_port}/v1/models")
     assert response.status_code == 401
+
+
+def test_demo_printed_curl_goes_through_the_demo_experiment(demo):
+    [curl] = [line for line in demo.lines if line.startswith("curl ")]
+    completed = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, check=True)
+    completion = json.loads(completed.stdout)
+    assert completion["model"] == "kilo/preview-demo"
+    assert completion["choices"][0]["message"]["content"] == "echo: Hello from the demo"
 
 
 def test_demo_stops_both_servers_on_sigterm(demo):
