@@ -122,6 +122,7 @@ def demo(tmp_path_factory) -> Iterator[DemoProcess]:
             # Without DEBUG, static files come only from collectstatic + whitenoise.
             "DEBUG": "false",
             "PROMPT_STORE_DIR": str(tmp_path / "prompts"),
+            "STATIC_ROOT": str(tmp_path / "static"),
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("TEST_DATABASE_NAME", None)
