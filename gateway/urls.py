@@ -4,4 +4,9 @@ from gateway import views
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("v1/chat/completions", views.chat_completions, name="chat-completions"),
+    path("v1/responses", views.responses, name="responses"),
+    path("v1/messages", views.messages, name="messages"),
+    path("v1/models", views.models, name="models"),
 ]

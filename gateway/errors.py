@@ -1,0 +1,113 @@
+"""Client-facing errors in the OpenAI error shape (SPEC §8).
+
+Every message here is written by us and never interpolates a key, an upstream
+host or an internal model id.
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.http import HttpResponse
+
+
+class GatewayError(Exception):
+    """A request that ends with a local error response.
+
+    ``error_kind`` is the short machine name stored in ``gateway_usage``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str,
+        code: str,
+        error_kind: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.code = code
+        self.error_kind = error_kind or code
+
+    def body(self) -> dict:
+        return error_body(self.message, error_type=self.error_type, code=self.code)
+
+    def response(self) -> HttpResponse:
+        return json_response(self.body(), status=self.status)
+
+
+def error_body(message: str, *, error_type: str, code: str | None) -> dict:
+    return {"error": {"message": message, "type": error_type, "code": code}}
+
+
+def json_response(payload: object, *, status: int = 200) -> HttpResponse:
+    return HttpResponse(
+        json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def bad_request(message: str, *, code: str = "invalid_request") -> GatewayError:
+    return GatewayError(400, message, error_type="invalid_request_error", code=code)
+
+
+def unauthorized() -> GatewayError:
+    return GatewayError(
+        401,
+        "Invalid or missing gateway token.",
+        error_type="authentication_error",
+        code="invalid_api_key",
+    )
+
+
+def model_not_found(public_model_id: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"The model {public_model_id!r} does not exist or is not available.",
+        error_type="invalid_request_error",
+        code="model_not_found",
+    )
+
+
+def unavailable(message: str, *, error_kind: str) -> GatewayError:
+    return GatewayError(
+        503, message, error_type="service_unavailable", code="unavailable", error_kind=error_kind
+    )
+
+
+def routing_unavailable() -> GatewayError:
+    return unavailable(
+        "Routing is temporarily unavailable; retry shortly.", error_kind="routing_unavailable"
+    )
+
+
+def upstream_unreachable() -> GatewayError:
+    return GatewayError(
+        502,
+        "The model provider could not be reached.",
+        error_type="upstream_error",
+        code="upstream_unreachable",
+    )
+
+
+def upstream_malformed() -> GatewayError:
+    return GatewayError(
+        502,
+        "The model provider returned a malformed response.",
+        error_type="upstream_error",
+        code="upstream_malformed",
+    )
+
+
+def upstream_timeout() -> GatewayError:
+    return GatewayError(
+        504,
+        "The model provider did not answer in time.",
+        error_type="upstream_error",
+        code="upstream_timeout",
+    )
