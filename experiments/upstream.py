@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -97,7 +98,13 @@ def validate_upstream(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UpstreamInvalid({"upstream": ["must be a JSON object"]})
     try:
-        config = UpstreamConfig.model_validate(raw)
+        document = json.dumps(raw, allow_nan=False)
+    except (TypeError, ValueError):
+        raise UpstreamInvalid({"upstream": ["must be plain JSON"]}) from None
+    try:
+        # JSON mode: strict types still hold (no "1" for true), but enum fields
+        # accept their string values, which Python-mode strict validation refuses.
+        config = UpstreamConfig.model_validate_json(document)
     except PydanticValidationError as exc:
         errors: dict[str, list[str]] = {}
         for err in exc.errors(include_url=False, include_input=False):
