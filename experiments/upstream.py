@@ -33,25 +33,29 @@ class _Strict(BaseModel):
 
 class OpencodeSettings(_Strict):
     ai_sdk_provider: AiSdkProvider | None = Field(
-        default=None, description="Which API family the checkpoint speaks."
+        default=None, title="AI SDK provider", description="Which API family the checkpoint speaks."
     )
 
 
 class OpenclawSettings(_Strict):
     api_adapter: ApiAdapter | None = Field(
-        default=None, description="Which API family the checkpoint speaks, for openclaw clients."
+        default=None,
+        title="API adapter",
+        description="Which API family the checkpoint speaks, for openclaw clients.",
     )
 
 
 class UpstreamConfig(_Strict):
+    model_config = ConfigDict(title="Upstream")
+
     internal_id: StrictStr = Field(
         min_length=1, title="Internal model id", description="Model id sent upstream."
     )
     base_url: StrictStr = Field(
         title="Base URL", description="Upstream API root, e.g. https://partner.example/v1"
     )
-    opencode_settings: OpencodeSettings | None = None
-    openclaw_settings: OpenclawSettings | None = None
+    opencode_settings: OpencodeSettings | None = Field(default=None, title="opencode settings")
+    openclaw_settings: OpenclawSettings | None = Field(default=None, title="openclaw settings")
     extra_body: dict[str, Any] | None = Field(
         default=None, description="Shallow-merged into the request body."
     )
@@ -135,8 +139,33 @@ def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
+#: A free-form value the editor can hold: it offers a type picker per added key,
+#: so a number stays a number instead of becoming a string.
+_EDITOR_FREE_VALUE = {
+    "anyOf": [
+        {"type": "string", "title": "text"},
+        {"type": "number", "title": "number"},
+        {"type": "boolean", "title": "true/false"},
+    ]
+}
+
+
+def _fit_for_editor(node: Any) -> Any:
+    """django-jsonform needs ``properties`` on every object and a type for free values."""
+    if isinstance(node, dict):
+        node = {k: _fit_for_editor(v) for k, v in node.items()}
+        if node.get("type") == "object" and "properties" not in node:
+            node["properties"] = {}
+        if node.get("additionalProperties") is True:
+            node["additionalProperties"] = copy.deepcopy(_EDITOR_FREE_VALUE)
+        return node
+    if isinstance(node, list):
+        return [_fit_for_editor(item) for item in node]
+    return node
+
+
 def upstream_json_schema() -> dict[str, Any]:
     """JSON schema of UpstreamConfig with references inlined (for django-jsonform)."""
     schema = UpstreamConfig.model_json_schema()
     defs = schema.get("$defs", {})
-    return _inline_refs(schema, defs)
+    return _fit_for_editor(_inline_refs(schema, defs))
