@@ -222,10 +222,10 @@ def test_admin_action_status_matrix(staff_client, status, action):
 
     experiment.refresh_from_db()
     assert (experiment.status, experiment.is_archived) == (expected_status, expected_archived)
-    assert [m for m in messages_of(response) if m.startswith("Matrix: ")] == [
-        m for m in messages_of(response) if fragment in m
-    ]
-    assert any(fragment in m for m in messages_of(response))
+    reported = messages_of(response)
+    assert len(reported) == 1
+    assert reported[0].startswith("Matrix: ")
+    assert fragment in reported[0]
 
 
 def test_action_on_many_experiments_reports_each_one(staff_client):
@@ -272,7 +272,7 @@ def test_add_page_creates_experiment_with_variants_and_logs_each_step_once(staff
         ("control", 1),
     ]
     assert LogEntry.objects.filter(object_id=str(experiment.pk)).count() == 3
-    assert response.url == change_url(experiment) or response.url == reverse(CHANGELIST)
+    assert response.url == reverse(CHANGELIST)
 
 
 def test_add_with_empty_name_shows_error_and_creates_nothing(staff_client):
@@ -529,6 +529,7 @@ def test_hot_swap_drops_the_blanks_the_editor_sends_for_untouched_optional_field
     ("upstream", "expected"),
     [
         ({**upstream_config(), "api_key": "sk-in-json"}, "api_key: is not an allowed field"),
+        ({**upstream_config(), "api_key": ""}, "api_key: is not an allowed field"),
         ({**upstream_config(), "extra_headers": {"x": "y"}}, "extra_headers: is not an allowed"),
         (upstream_config(base_url="ftp://partner.example/v1"), "base_url: Value error"),
         ({"base_url": "https://partner.example/v1"}, "internal_id: Field required"),
@@ -538,7 +539,15 @@ def test_hot_swap_drops_the_blanks_the_editor_sends_for_untouched_optional_field
         ),
         ("{not json", "Enter a valid JSON."),
     ],
-    ids=["api_key", "extra_headers", "ftp_url", "no_internal_id", "bad_enum", "not_json"],
+    ids=[
+        "api_key",
+        "empty_api_key",
+        "extra_headers",
+        "ftp_url",
+        "no_internal_id",
+        "bad_enum",
+        "not_json",
+    ],
 )
 def test_hot_swap_refuses_bad_upstream_next_to_the_field(staff_client, upstream, expected):
     experiment = make_experiment()
