@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,31 +32,30 @@ class _Strict(BaseModel):
 
 
 class OpencodeSettings(_Strict):
-    # strict=False here only: in strict mode pydantic wants an enum *instance*
-    # and refuses the JSON string; lax enum validation still accepts nothing but
-    # the listed values.
     ai_sdk_provider: AiSdkProvider | None = Field(
-        default=None, strict=False, description="Which API family the checkpoint speaks."
+        default=None, title="AI SDK provider", description="Which API family the checkpoint speaks."
     )
 
 
 class OpenclawSettings(_Strict):
     api_adapter: ApiAdapter | None = Field(
         default=None,
-        strict=False,  # see OpencodeSettings
+        title="API adapter",
         description="Which API family the checkpoint speaks, for openclaw clients.",
     )
 
 
 class UpstreamConfig(_Strict):
+    model_config = ConfigDict(title="Upstream")
+
     internal_id: StrictStr = Field(
         min_length=1, title="Internal model id", description="Model id sent upstream."
     )
     base_url: StrictStr = Field(
         title="Base URL", description="Upstream API root, e.g. https://partner.example/v1"
     )
-    opencode_settings: OpencodeSettings | None = None
-    openclaw_settings: OpenclawSettings | None = None
+    opencode_settings: OpencodeSettings | None = Field(default=None, title="opencode settings")
+    openclaw_settings: OpenclawSettings | None = Field(default=None, title="openclaw settings")
     extra_body: dict[str, Any] | None = Field(
         default=None, description="Shallow-merged into the request body."
     )
@@ -102,7 +102,13 @@ def validate_upstream(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UpstreamInvalid({"upstream": ["must be a JSON object"]})
     try:
-        config = UpstreamConfig.model_validate(raw)
+        document = json.dumps(raw, allow_nan=False)
+    except (TypeError, ValueError):
+        raise UpstreamInvalid({"upstream": ["must be plain JSON"]}) from None
+    try:
+        # JSON mode: strict types still hold (no "1" for true), but enum fields
+        # accept their string values, which Python-mode strict validation refuses.
+        config = UpstreamConfig.model_validate_json(document)
     except PydanticValidationError as exc:
         errors: dict[str, list[str]] = {}
         for err in exc.errors(include_url=False, include_input=False):
@@ -133,8 +139,33 @@ def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
+#: A free-form value the editor can hold: it offers a type picker per added key,
+#: so a number stays a number instead of becoming a string.
+_EDITOR_FREE_VALUE = {
+    "anyOf": [
+        {"type": "string", "title": "text"},
+        {"type": "number", "title": "number"},
+        {"type": "boolean", "title": "true/false"},
+    ]
+}
+
+
+def _fit_for_editor(node: Any) -> Any:
+    """django-jsonform needs ``properties`` on every object and a type for free values."""
+    if isinstance(node, dict):
+        node = {k: _fit_for_editor(v) for k, v in node.items()}
+        if node.get("type") == "object" and "properties" not in node:
+            node["properties"] = {}
+        if node.get("additionalProperties") is True:
+            node["additionalProperties"] = copy.deepcopy(_EDITOR_FREE_VALUE)
+        return node
+    if isinstance(node, list):
+        return [_fit_for_editor(item) for item in node]
+    return node
+
+
 def upstream_json_schema() -> dict[str, Any]:
     """JSON schema of UpstreamConfig with references inlined (for django-jsonform)."""
     schema = UpstreamConfig.model_json_schema()
     defs = schema.get("$defs", {})
-    return _inline_refs(schema, defs)
+    return _fit_for_editor(_inline_refs(schema, defs))

@@ -1,0 +1,138 @@
+"""Admin forms. They collect input; every rule is enforced by ``experiments.services``.
+
+A service refusal (``ExperimentError``) is turned into form errors next to the
+field it names by ``show_service_error``, so staff see why nothing was saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django_jsonform.utils import join_coords
+from django_jsonform.widgets import JSONFormWidget
+
+from experiments.models import Experiment
+from experiments.services import ExperimentError, InvalidInput
+from experiments.upstream import upstream_json_schema
+
+
+class ExperimentForm(forms.ModelForm):
+    class Meta:
+        model = Experiment
+        fields = ["name", "public_model_id", "description"]
+        widgets = {
+            # A one-line id; the model's TextField would otherwise render a textarea.
+            "public_model_id": forms.TextInput(attrs={"size": 40}),
+        }
+
+
+def show_service_error(form: forms.BaseForm, error: ExperimentError) -> None:
+    """Attach a service refusal to the form field it concerns (or the whole form)."""
+    target = error.field if error.field in form.fields else None
+    locations = error.errors if isinstance(error, InvalidInput) else {}
+    if locations and set(locations) != {error.field}:
+        # Locations inside the field, e.g. "opencode_settings.ai_sdk_provider" of upstream.
+        form.add_error(
+            target,
+            [
+                message if location == error.field else f"{location}: {message}"
+                for location, messages in locations.items()
+                for message in messages
+            ],
+        )
+    else:
+        form.add_error(target, error.message)
+
+
+def _optional_upstream_fields() -> set[str]:
+    schema = upstream_json_schema()
+    return set(schema["properties"]) - set(schema.get("required", []))
+
+
+def editor_value_to_upstream(value: Any) -> Any:
+    """Drop the blanks the JSON editor emits for optional fields nobody filled in.
+
+    The editor renders every property of the schema and submits ``""`` for an
+    untouched choice, ``{}``/``[]`` for untouched containers. Those mean "not
+    set"; anything else (including unknown keys) is passed on untouched so the
+    strict validator in ``services.hot_swap`` judges it.
+    """
+    if not isinstance(value, dict):
+        return value
+    optional = _optional_upstream_fields()
+    cleaned: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in optional and key.endswith("_settings") and isinstance(item, dict):
+            item = {k: v for k, v in item.items() if v not in ("", None)}
+        if key in optional and item in ("", None, {}, []):
+            continue
+        cleaned[key] = item
+    return cleaned
+
+
+class UpstreamEditorField(forms.JSONField):
+    """The upstream JSON, edited with django-jsonform from the strict pydantic schema."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("widget", JSONFormWidget(schema=upstream_json_schema))
+        super().__init__(**kwargs)
+
+    def show_errors_in_editor(self, errors: dict[str, list[str]]) -> None:
+        """Highlight the offending inputs inside the editor too."""
+        error_map = {}
+        for location, messages in errors.items():
+            coords = [] if location == "upstream" else location.split(".")
+            error_map[join_coords(*coords)] = messages
+        self.widget.add_error(error_map)
+
+
+class ApiKeyField(forms.CharField):
+    """Write-only: the submitted key is never rendered back into the page."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault(
+            "widget",
+            forms.PasswordInput(
+                render_value=False, attrs={"autocomplete": "new-password", "size": 50}
+            ),
+        )
+        kwargs.setdefault("strip", True)
+        super().__init__(**kwargs)
+
+
+class HotSwapForm(forms.Form):
+    upstream = UpstreamEditorField(
+        label="Upstream",
+        help_text="Exactly the allowed fields; the partner key goes in the key field below.",
+    )
+    api_key = ApiKeyField(
+        label="Partner API key",
+        required=False,
+        help_text="Leave empty to keep the current key.",
+    )
+
+    def __init__(self, *args, key_required: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if key_required:
+            self.fields["api_key"].help_text = "Required: this slot has no checkpoint yet."
+
+    def clean_upstream(self) -> Any:
+        return editor_value_to_upstream(self.cleaned_data["upstream"])
+
+    def show_service_error(self, error: ExperimentError) -> None:
+        show_service_error(self, error)
+        if isinstance(error, InvalidInput) and error.field == "upstream" and error.errors:
+            self.fields["upstream"].show_errors_in_editor(error.errors)
+
+
+class RotateKeyForm(forms.Form):
+    api_key = ApiKeyField(label="New partner API key", required=True)
+
+    def show_service_error(self, error: ExperimentError) -> None:
+        show_service_error(self, error)
+
+
+def upstream_initial(upstream: dict[str, Any] | None) -> dict[str, Any]:
+    """The editor's seed: the current checkpoint's upstream (it never holds a key)."""
+    return dict(upstream) if upstream else {"internal_id": "", "base_url": ""}
