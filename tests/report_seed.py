@@ -12,13 +12,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from experiments.models import AllocationSubject, Experiment, ExperimentRequest, VariantVersion
 from gateway.models import GatewayUsage
 from tests.factories import (
     ExperimentFactory,
-    UserFactory,
     VariantFactory,
     VariantVersionFactory,
     upstream_config,
@@ -93,7 +93,13 @@ def seed_experiment(
             api_key=api_key,
         ),
     }
-    users = [UserFactory().pk for _ in range(5)]
+    # Plain rows: password hashing would dominate the test time.
+    users = [
+        user.pk
+        for user in get_user_model().objects.bulk_create(
+            [get_user_model()(username=f"subject-{uuid.uuid4().hex[:12]}") for _ in range(5)]
+        )
+    ]
     kinds = [AllocationSubject.USER, AllocationSubject.MACHINE, AllocationSubject.IP]
     in_slot_a = round(subjects * share_of_slot_a)
     subject_slot = ["slot-a" if index < in_slot_a else "slot-b" for index in range(subjects)]

@@ -124,11 +124,11 @@ def test_unknown_subject_kind_is_refused():
 # --- sample-ratio mismatch ----------------------------------------------------
 
 
-def independent_chi_square(rows):
+def independent_chi_square(rows, slot_order):
     per_slot = defaultdict(set)
     for row in rows:
         per_slot[row.slot_label].add(row.subject_hash)
-    observed = [len(per_slot["slot-a"]), len(per_slot["slot-b"])]
+    observed = [len(per_slot[label]) for label in slot_order]
     expected = sum(observed) / 2
     statistic = sum((count - expected) ** 2 / expected for count in observed)
     # chi-square with one degree of freedom: P(X >= x) = erfc(sqrt(x / 2)).
@@ -138,8 +138,11 @@ def independent_chi_square(rows):
 @pytest.mark.django_db
 def test_skewed_split_triggers_the_srm_warning():
     seeded = seed_experiment(share_of_slot_a=0.7)
-    srm = experiment_report(seeded.experiment).srm
-    observed, statistic, p_value = independent_chi_square(seeded.requests)
+    report = experiment_report(seeded.experiment)
+    srm = report.srm
+    observed, statistic, p_value = independent_chi_square(
+        seeded.requests, [slot.label for slot in report.slots]
+    )
     assert srm.observed == observed
     assert srm.chi_square == pytest.approx(statistic)
     assert srm.p_value == pytest.approx(p_value, rel=1e-9)
@@ -147,8 +150,11 @@ def test_skewed_split_triggers_the_srm_warning():
 
 
 def test_balanced_split_has_no_srm_warning(seeded):
-    srm = experiment_report(seeded.experiment).srm
-    observed, statistic, p_value = independent_chi_square(seeded.requests)
+    report = experiment_report(seeded.experiment)
+    srm = report.srm
+    observed, statistic, p_value = independent_chi_square(
+        seeded.requests, [slot.label for slot in report.slots]
+    )
     assert srm.observed == observed
     assert srm.p_value == pytest.approx(p_value)
     assert not srm.mismatch
