@@ -36,8 +36,8 @@ from experiments.reports import (
     ReportFilters,
     ReportInputError,
     browse_requests,
+    cached_experiment_report,
     experiment_checkpoints,
-    experiment_report,
     feedback_join,
     parse_moment,
     request_detail,
@@ -92,7 +92,8 @@ def _window_filters(params) -> tuple[str, ReportFilters]:
     if window not in WINDOWS:
         raise ReportInputError(f"Unknown window {window!r}.")
     subject_kind = params.get("subject") or None
-    now = timezone.now()
+    # Whole minutes, so reloads within a minute share one cached report.
+    now = timezone.now().replace(second=0, microsecond=0)
     since = until = None
     if window == "custom":
         since = parse_moment(params["since"], name="since") if params.get("since") else None
@@ -118,7 +119,7 @@ def experiment_stats(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     except ReportInputError as exc:
         context["error"] = str(exc)
         return render(request, "admin/experiments/experiment/stats.html", context, status=400)
-    report = experiment_report(experiment, filters)
+    report = cached_experiment_report(experiment, filters)
     checkpoints = report.checkpoints
     context.update(
         window=window,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import uuid
 from collections import defaultdict
@@ -19,11 +20,13 @@ from datetime import UTC, datetime, timedelta
 from heapq import merge
 from itertools import combinations, islice
 
+from django.core.cache import cache
 from django.db import connection
 from django.db.models import (
     Aggregate,
     Avg,
     Count,
+    F,
     FloatField,
     Func,
     IntegerField,
@@ -33,6 +36,7 @@ from django.db.models import (
     Sum,
     Variance,
 )
+from django.db.models.functions import Collate
 from django.utils import timezone
 
 from experiments.models import (
@@ -319,13 +323,18 @@ def _attributed(version_ids, filters: ReportFilters):
     return ExperimentRequest.objects.filter(filters.q(), variant_version_id__in=version_ids)
 
 
+def _bytewise(column: str):
+    """DISTINCT over hex hashes and ids needs no linguistic collation; "C" sorts ~2x faster."""
+    return Collate(column, "C") if connection.vendor == "postgresql" else F(column)
+
+
 def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: ReportFilters) -> None:
     on_postgres = connection.vendor == "postgresql"
     aggregates = {
         "requests": Count("usage_id"),
-        "distinct_subjects": Count("allocation_subject_hash", distinct=True),
+        "distinct_subjects": Count(_bytewise("allocation_subject_hash"), distinct=True),
         "distinct_users": Count("usage__user_id", distinct=True),
-        "distinct_messages": Count("client_request_id", distinct=True),
+        "distinct_messages": Count(_bytewise("client_request_id"), distinct=True),
         "errors": Count("usage_id", filter=Q(usage__has_error=True)),
         "input_tokens": Sum("usage__input_tokens"),
         "output_tokens": Sum("usage__output_tokens"),
@@ -386,7 +395,7 @@ def _fill_slot_subjects(slots: list[SlotStats], filters: ReportFilters) -> None:
         .exclude(allocation_subject_hash__isnull=True)
         .order_by()
         .values("variant_version__variant_id")
-        .annotate(subjects=Count("allocation_subject_hash", distinct=True))
+        .annotate(subjects=Count(_bytewise("allocation_subject_hash"), distinct=True))
         .values_list("variant_version__variant_id", "subjects")
     )
     total = sum(counts.values())
@@ -544,6 +553,36 @@ def experiment_report(
         timeseries=_timeseries(checkpoints, filters, now),
         generated_at=now,
     )
+
+
+REPORT_CACHE_SECONDS = 60
+
+
+def cached_experiment_report(
+    experiment: Experiment, filters: ReportFilters, *, seconds: int = REPORT_CACHE_SECONDS
+) -> ExperimentReport:
+    """The stats page's report, reused for up to ``seconds`` per experiment and filters.
+
+    On a large experiment the exact distinct counts and percentiles take seconds;
+    a page that is at most a minute old is what an operator watching a rollout
+    needs, and repeated loads stay cheap. The report holds figures and labels
+    only: no key, ciphertext or subject identity goes to the cache.
+    """
+    key = "mx:report:{}:{}:{}:{}".format(
+        experiment.pk,
+        filters.since.isoformat() if filters.since else "-",
+        filters.until.isoformat() if filters.until else "-",
+        filters.subject_kind or "-",
+    )
+    try:
+        report = cache.get(key)
+    except Exception:  # a cache outage must not take the stats page down
+        report = None
+    if report is None:
+        report = experiment_report(experiment, filters)
+        with contextlib.suppress(Exception):
+            cache.set(key, report, seconds)
+    return report
 
 
 # --- request browser ----------------------------------------------------------

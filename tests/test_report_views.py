@@ -367,3 +367,11 @@ def test_keyset_pages_break_ties_between_equal_timestamps(db):
 def test_keyset_pages_with_a_filter_return_exactly_the_matching_rows(seeded):
     seen, _ = walk_pages(seeded.experiment, BrowserFilters(status="error"))
     assert {row.usage_id for row in seen} == {r.usage_id for r in seeded.requests if r.has_error}
+
+
+def test_stats_page_reload_within_a_minute_reuses_the_report(staff_client, seeded):
+    staff_client.get(url("experiments_experiment_stats", seeded))
+    with CaptureQueriesContext(connection) as queries:
+        response = staff_client.get(url("experiments_experiment_stats", seeded))
+    assert response.status_code == 200
+    assert not [q for q in queries.captured_queries if "model_experiment_request" in q["sql"]]
