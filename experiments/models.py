@@ -221,6 +221,10 @@ class ExperimentRequest(models.Model):
         VariantVersion, on_delete=models.PROTECT, related_name="requests"
     )
     allocation_subject = models.CharField(max_length=16, choices=AllocationSubject.choices)
+    # SHA-256 hex of the bucketing seed (SPEC §7): tells subjects apart for
+    # distinct counts and the sample-ratio check without storing who they are.
+    # Nullable because rows written before the gateway filled it have none.
+    allocation_subject_hash = models.CharField(max_length=64, null=True, blank=True)
     client_request_id = models.TextField(null=True, blank=True)
     request_kind = models.CharField(max_length=32, choices=RequestKind.choices)
     request_body_sha256 = models.CharField(max_length=64)
@@ -232,6 +236,12 @@ class ExperimentRequest(models.Model):
         indexes = [
             models.Index(
                 fields=["variant_version", "created_at"], name="mx_request_version_created"
+            ),
+            # Keyset pagination of the request browser walks this backwards per
+            # checkpoint; usage_id breaks ties between equal timestamps.
+            models.Index(
+                fields=["variant_version", "-created_at", "-usage"],
+                name="mx_request_version_keyset",
             ),
             models.Index(
                 fields=["client_request_id"],

@@ -1,0 +1,810 @@
+"""Read side of experiments (SPEC §10): per-checkpoint figures, SRM, comparisons,
+time series, the request browser and the feedback join.
+
+Reports group by the exact checkpoint (variant version) first and by slot
+second, so a hot-swap never mixes two checkpoints' figures. Every query goes
+through ``.values()`` on attribution rows or through ``VariantVersion.objects``,
+so none selects the ``encrypted_api_key`` column.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from heapq import merge
+from itertools import combinations, islice
+
+from django.core.cache import cache
+from django.db import connection
+from django.db.models import (
+    Aggregate,
+    Avg,
+    Count,
+    F,
+    FloatField,
+    Func,
+    IntegerField,
+    Max,
+    Min,
+    Q,
+    Sum,
+    Variance,
+)
+from django.db.models.functions import Collate
+from django.utils import timezone
+
+from experiments.models import (
+    AllocationSubject,
+    Experiment,
+    ExperimentRequest,
+    Variant,
+    VariantVersion,
+)
+from experiments.significance import (
+    chi_square_goodness_of_fit,
+    newcombe_difference_interval,
+    percentile_linear,
+    welch_mean_difference_interval,
+)
+
+#: Below this p-value the split is reported as a sample-ratio mismatch.
+SRM_THRESHOLD = 0.001
+#: Chi-square needs a handful of expected subjects per slot to be meaningful.
+SRM_MIN_EXPECTED = 5
+
+
+class ReportInputError(ValueError):
+    """A bad filter or cursor. The message is safe to show."""
+
+
+# --- filters ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportFilters:
+    since: datetime | None = None
+    until: datetime | None = None
+    subject_kind: str | None = None
+
+    def __post_init__(self):
+        if self.subject_kind is not None and self.subject_kind not in AllocationSubject.values:
+            raise ReportInputError(
+                f"Unknown subject kind {self.subject_kind!r}; "
+                f"use one of {', '.join(AllocationSubject.values)}."
+            )
+        for moment in (self.since, self.until):
+            if moment is not None and timezone.is_naive(moment):
+                raise ReportInputError("Times must carry a timezone.")
+        if self.since and self.until and self.since > self.until:
+            raise ReportInputError("'since' must not be after 'until'.")
+
+    def q(self) -> Q:
+        condition = Q()
+        if self.since is not None:
+            condition &= Q(created_at__gte=self.since)
+        if self.until is not None:
+            condition &= Q(created_at__lt=self.until)
+        if self.subject_kind is not None:
+            condition &= Q(allocation_subject=self.subject_kind)
+        return condition
+
+
+def parse_moment(raw: str, *, name: str) -> datetime:
+    """An ISO 8601 date or date-time; naive values are read as UTC."""
+    try:
+        moment = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise ReportInputError(
+            f"Bad {name} {raw!r}: use ISO 8601, e.g. 2025-01-31 or 2025-01-31T12:00:00Z."
+        ) from None
+    if timezone.is_naive(moment):
+        moment = timezone.make_aware(moment, UTC)
+    return moment
+
+
+# --- aggregates ---------------------------------------------------------------
+
+
+class PercentileCont(Aggregate):
+    """PostgreSQL ``percentile_cont(fraction) WITHIN GROUP (ORDER BY expr)``."""
+
+    function = "percentile_cont"
+    name = "PercentileCont"
+    output_field = FloatField()
+    template = "%(function)s(%(fraction)s) WITHIN GROUP (ORDER BY %(expressions)s)"
+    allow_distinct = False
+
+    def __init__(self, expression, fraction: float, **extra):
+        if not 0.0 <= float(fraction) <= 1.0:
+            raise ValueError("fraction must be within [0, 1]")
+        super().__init__(expression, fraction=float(fraction), **extra)
+
+    def as_sql(self, compiler, connection, **extra_context):
+        if connection.vendor != "postgresql":
+            raise NotImplementedError("percentile_cont needs PostgreSQL; use the Python fallback")
+        return super().as_sql(compiler, connection, **extra_context)
+
+
+class EpochBucket(Func):
+    """Start (epoch seconds) of the fixed-size time bucket holding a timestamp."""
+
+    output_field = IntegerField()
+
+    def __init__(self, expression, seconds: int, **extra):
+        self.seconds = int(seconds)
+        super().__init__(expression, **extra)
+
+    def as_postgresql(self, compiler, connection, **extra_context):
+        sql, params = compiler.compile(self.source_expressions[0])
+        return (
+            f"(floor(extract(epoch from {sql}) / {self.seconds}) * {self.seconds})::bigint",
+            params,
+        )
+
+    def as_sqlite(self, compiler, connection, **extra_context):
+        sql, params = compiler.compile(self.source_expressions[0])
+        return (
+            f"(CAST(strftime('%%s', {sql}) AS INTEGER) / {self.seconds}) * {self.seconds}",
+            params,
+        )
+
+
+# --- result shapes ------------------------------------------------------------
+
+
+@dataclass
+class CheckpointStats:
+    version_id: uuid.UUID
+    slot_id: uuid.UUID
+    slot_label: str
+    internal_id: str
+    effective_from: datetime
+    effective_until: datetime | None  # None: the slot's current checkpoint
+    requests: int = 0
+    distinct_subjects: int = 0
+    distinct_users: int = 0
+    distinct_messages: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    ttfb_p50: float | None = None
+    ttfb_p95: float | None = None
+    total_p50: float | None = None
+    total_p95: float | None = None
+    total_mean: float | None = None
+    total_variance: float | None = None
+    total_samples: int = 0
+    first_request_at: datetime | None = None
+    last_request_at: datetime | None = None
+
+    @property
+    def is_current(self) -> bool:
+        return self.effective_until is None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+
+@dataclass
+class SlotStats:
+    slot_id: uuid.UUID
+    label: str
+    weight: int
+    expected_share: float
+    distinct_subjects: int = 0
+    observed_share: float | None = None
+    checkpoints: list[CheckpointStats] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return sum(c.requests for c in self.checkpoints)
+
+
+@dataclass
+class SrmResult:
+    observed: list[int]
+    expected: list[float]
+    chi_square: float | None
+    degrees_of_freedom: int
+    p_value: float | None
+    reason: str = ""  # why no test was run, when p_value is None
+
+    @property
+    def mismatch(self) -> bool:
+        return self.p_value is not None and self.p_value < SRM_THRESHOLD
+
+
+@dataclass
+class Comparison:
+    """``candidate`` minus ``baseline``."""
+
+    baseline: CheckpointStats
+    candidate: CheckpointStats
+    error_rate_difference: float | None
+    error_rate_ci: tuple[float, float] | None
+    ttfb_p50_difference: float | None
+    total_p50_difference: float | None
+    total_mean_difference: float | None
+    total_mean_ci: tuple[float, float] | None
+
+    @property
+    def error_rate_significant(self) -> bool:
+        return self.error_rate_ci is not None and (
+            self.error_rate_ci[0] > 0 or self.error_rate_ci[1] < 0
+        )
+
+    @property
+    def total_mean_significant(self) -> bool:
+        return self.total_mean_ci is not None and (
+            self.total_mean_ci[0] > 0 or self.total_mean_ci[1] < 0
+        )
+
+
+@dataclass
+class TimeSeries:
+    bucket_seconds: int
+    buckets: list[datetime]
+    #: version id -> requests per bucket, aligned with ``buckets``
+    counts: dict[uuid.UUID, list[int]]
+
+
+@dataclass
+class ExperimentReport:
+    experiment: Experiment
+    filters: ReportFilters
+    slots: list[SlotStats]
+    srm: SrmResult
+    comparisons: list[Comparison]
+    timeseries: TimeSeries
+    generated_at: datetime
+
+    @property
+    def checkpoints(self) -> list[CheckpointStats]:
+        return [c for slot in self.slots for c in slot.checkpoints]
+
+    @property
+    def total_requests(self) -> int:
+        return sum(slot.requests for slot in self.slots)
+
+
+# --- structure ----------------------------------------------------------------
+
+
+def experiment_checkpoints(experiment: Experiment) -> list[SlotStats]:
+    """Slots (bucket order) with their checkpoints and effective periods, no figures."""
+    variants = list(
+        Variant.objects.filter(experiment=experiment).order_by("id").values("id", "label", "weight")
+    )
+    total_weight = sum(v["weight"] for v in variants) or 1
+    versions_by_slot: dict[uuid.UUID, list[dict]] = defaultdict(list)
+    for version in (
+        VariantVersion.objects.filter(variant__experiment=experiment)
+        .order_by("effective_at", "id")
+        .values("id", "variant_id", "upstream", "effective_at")
+    ):
+        versions_by_slot[version["variant_id"]].append(version)
+    slots = []
+    for variant in variants:
+        slot = SlotStats(
+            slot_id=variant["id"],
+            label=variant["label"],
+            weight=variant["weight"],
+            expected_share=variant["weight"] / total_weight,
+        )
+        history = versions_by_slot.get(variant["id"], [])
+        for index, version in enumerate(history):
+            upstream = version["upstream"] if isinstance(version["upstream"], dict) else {}
+            following = history[index + 1] if index + 1 < len(history) else None
+            slot.checkpoints.append(
+                CheckpointStats(
+                    version_id=version["id"],
+                    slot_id=variant["id"],
+                    slot_label=variant["label"],
+                    internal_id=str(upstream.get("internal_id", "")),
+                    effective_from=version["effective_at"],
+                    effective_until=following["effective_at"] if following else None,
+                )
+            )
+        slots.append(slot)
+    return slots
+
+
+# --- figures ------------------------------------------------------------------
+
+
+def _attributed(version_ids, filters: ReportFilters):
+    return ExperimentRequest.objects.filter(filters.q(), variant_version_id__in=version_ids)
+
+
+def _bytewise(column: str):
+    """DISTINCT over hex hashes and ids needs no linguistic collation; "C" sorts ~2x faster."""
+    return Collate(column, "C") if connection.vendor == "postgresql" else F(column)
+
+
+def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: ReportFilters) -> None:
+    on_postgres = connection.vendor == "postgresql"
+    aggregates = {
+        "requests": Count("usage_id"),
+        "distinct_subjects": Count(_bytewise("allocation_subject_hash"), distinct=True),
+        "distinct_users": Count("usage__user_id", distinct=True),
+        "distinct_messages": Count(_bytewise("client_request_id"), distinct=True),
+        "errors": Count("usage_id", filter=Q(usage__has_error=True)),
+        "input_tokens": Sum("usage__input_tokens"),
+        "output_tokens": Sum("usage__output_tokens"),
+        "total_mean": Avg("usage__total_ms"),
+        "total_variance": Variance("usage__total_ms", sample=True),
+        "total_samples": Count("usage__total_ms"),
+        "first_request_at": Min("created_at"),
+        "last_request_at": Max("created_at"),
+    }
+    if on_postgres:
+        aggregates |= {
+            "ttfb_p50": PercentileCont("usage__ttfb_ms", 0.5),
+            "ttfb_p95": PercentileCont("usage__ttfb_ms", 0.95),
+            "total_p50": PercentileCont("usage__total_ms", 0.5),
+            "total_p95": PercentileCont("usage__total_ms", 0.95),
+        }
+    rows = (
+        _attributed(list(checkpoints), filters)
+        .order_by()
+        .values("variant_version_id")
+        .annotate(**aggregates)
+    )
+    for row in rows:
+        stats = checkpoints[row.pop("variant_version_id")]
+        for name, value in row.items():
+            setattr(stats, name, value)
+        stats.input_tokens = stats.input_tokens or 0
+        stats.output_tokens = stats.output_tokens or 0
+    if not on_postgres:
+        _fill_percentiles_in_python(checkpoints, filters)
+
+
+def _fill_percentiles_in_python(
+    checkpoints: dict[uuid.UUID, CheckpointStats], filters: ReportFilters
+) -> None:
+    """SQLite has no percentile_cont: same definition, computed from the values."""
+    ttfb: dict[uuid.UUID, list[int]] = defaultdict(list)
+    total: dict[uuid.UUID, list[int]] = defaultdict(list)
+    for version_id, ttfb_ms, total_ms in _attributed(list(checkpoints), filters).values_list(
+        "variant_version_id", "usage__ttfb_ms", "usage__total_ms"
+    ):
+        if ttfb_ms is not None:
+            ttfb[version_id].append(ttfb_ms)
+        if total_ms is not None:
+            total[version_id].append(total_ms)
+    for version_id, stats in checkpoints.items():
+        stats.ttfb_p50 = percentile_linear(ttfb[version_id], 0.5)
+        stats.ttfb_p95 = percentile_linear(ttfb[version_id], 0.95)
+        stats.total_p50 = percentile_linear(total[version_id], 0.5)
+        stats.total_p95 = percentile_linear(total[version_id], 0.95)
+
+
+def _fill_slot_subjects(slots: list[SlotStats], filters: ReportFilters) -> None:
+    """Distinct subjects per slot: a subject seen before and after a hot-swap counts once."""
+    slot_of_version = {c.version_id: slot.slot_id for slot in slots for c in slot.checkpoints}
+    counts = dict(
+        _attributed(list(slot_of_version), filters)
+        .exclude(allocation_subject_hash__isnull=True)
+        .order_by()
+        .values("variant_version__variant_id")
+        .annotate(subjects=Count(_bytewise("allocation_subject_hash"), distinct=True))
+        .values_list("variant_version__variant_id", "subjects")
+    )
+    total = sum(counts.values())
+    for slot in slots:
+        slot.distinct_subjects = counts.get(slot.slot_id, 0)
+        slot.observed_share = slot.distinct_subjects / total if total else None
+
+
+def sample_ratio_check(slots: list[SlotStats]) -> SrmResult:
+    observed = [slot.distinct_subjects for slot in slots]
+    total = sum(observed)
+    weight_sum = sum(slot.weight for slot in slots) or 1
+    expected = [total * slot.weight / weight_sum for slot in slots]
+    dof = max(len(slots) - 1, 0)
+    if len(slots) < 2:
+        return SrmResult(observed, expected, None, dof, None, "needs at least two slots")
+    if total == 0:
+        return SrmResult(observed, expected, None, dof, None, "no subjects observed yet")
+    if min(expected) < SRM_MIN_EXPECTED:
+        return SrmResult(
+            observed,
+            expected,
+            None,
+            dof,
+            None,
+            f"too few subjects (needs at least {SRM_MIN_EXPECTED} expected per slot)",
+        )
+    statistic, dof, p_value = chi_square_goodness_of_fit(observed, [s.weight for s in slots])
+    return SrmResult(observed, expected, statistic, dof, p_value)
+
+
+def compare(baseline: CheckpointStats, candidate: CheckpointStats) -> Comparison:
+    error_difference = error_ci = None
+    if baseline.requests and candidate.requests:
+        error_difference, low, high = newcombe_difference_interval(
+            candidate.errors, candidate.requests, baseline.errors, baseline.requests
+        )
+        error_ci = (low, high)
+
+    def difference(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    mean_difference = mean_ci = None
+    if None not in (
+        candidate.total_mean,
+        baseline.total_mean,
+        candidate.total_variance,
+        baseline.total_variance,
+    ):
+        welch = welch_mean_difference_interval(
+            candidate.total_mean,
+            candidate.total_variance,
+            candidate.total_samples,
+            baseline.total_mean,
+            baseline.total_variance,
+            baseline.total_samples,
+        )
+        if welch is not None:
+            mean_difference, low, high = welch
+            mean_ci = (low, high)
+    return Comparison(
+        baseline=baseline,
+        candidate=candidate,
+        error_rate_difference=error_difference,
+        error_rate_ci=error_ci,
+        ttfb_p50_difference=difference(candidate.ttfb_p50, baseline.ttfb_p50),
+        total_p50_difference=difference(candidate.total_p50, baseline.total_p50),
+        total_mean_difference=mean_difference,
+        total_mean_ci=mean_ci,
+    )
+
+
+# --- time series --------------------------------------------------------------
+
+_BUCKET_SIZES = (
+    60,
+    5 * 60,
+    15 * 60,
+    3600,
+    3 * 3600,
+    6 * 3600,
+    12 * 3600,
+    86400,
+    7 * 86400,
+    30 * 86400,
+)
+_MAX_BUCKETS = 120
+
+
+def bucket_seconds_for(span: timedelta) -> int:
+    """The smallest bucket that draws the span in at most ``_MAX_BUCKETS`` points."""
+    seconds = max(span.total_seconds(), 1)
+    for size in _BUCKET_SIZES:
+        if seconds / size <= _MAX_BUCKETS:
+            return size
+    return _BUCKET_SIZES[-1]
+
+
+def _timeseries(
+    checkpoints: list[CheckpointStats], filters: ReportFilters, now: datetime
+) -> TimeSeries:
+    firsts = [c.first_request_at for c in checkpoints if c.first_request_at]
+    lasts = [c.last_request_at for c in checkpoints if c.last_request_at]
+    # A chosen window is drawn whole (an empty stretch is information); "all"
+    # spans the first to the last request.
+    start = filters.since or (min(firsts) if firsts else now - timedelta(hours=1))
+    if filters.until:
+        end = filters.until
+    elif filters.since or not lasts:
+        end = now
+    else:
+        end = max(lasts)
+    end = max(end, start)
+    size = bucket_seconds_for(end - start)
+    first_bucket = int(start.timestamp()) // size * size
+    last_bucket = int(end.timestamp()) // size * size
+    starts = list(range(first_bucket, last_bucket + size, size))
+    index = {value: position for position, value in enumerate(starts)}
+    counts = {c.version_id: [0] * len(starts) for c in checkpoints}
+    rows = (
+        _attributed(list(counts), filters)
+        .order_by()
+        .values("variant_version_id", bucket=EpochBucket("created_at", size))
+        .annotate(requests=Count("usage_id"))
+        .values_list("variant_version_id", "bucket", "requests")
+    )
+    for version_id, bucket, requests in rows:
+        position = index.get(int(bucket))
+        if position is not None:
+            counts[version_id][position] += requests
+    buckets = [datetime.fromtimestamp(value, tz=UTC) for value in starts]
+    return TimeSeries(bucket_seconds=size, buckets=buckets, counts=counts)
+
+
+def experiment_report(
+    experiment: Experiment, filters: ReportFilters | None = None
+) -> ExperimentReport:
+    """Everything the stats page and ``experiment_report`` show, in four queries."""
+    filters = filters or ReportFilters()
+    now = timezone.now()
+    slots = experiment_checkpoints(experiment)
+    by_version = {c.version_id: c for slot in slots for c in slot.checkpoints}
+    if by_version:
+        _fill_figures(by_version, filters)
+        _fill_slot_subjects(slots, filters)
+    checkpoints = list(by_version.values())
+    served = [c for c in checkpoints if c.requests]
+    comparisons = [compare(a, b) for a, b in combinations(served, 2)]
+    return ExperimentReport(
+        experiment=experiment,
+        filters=filters,
+        slots=slots,
+        srm=sample_ratio_check(slots),
+        comparisons=comparisons,
+        timeseries=_timeseries(checkpoints, filters, now),
+        generated_at=now,
+    )
+
+
+REPORT_CACHE_SECONDS = 60
+
+
+def cached_experiment_report(
+    experiment: Experiment, filters: ReportFilters, *, seconds: int = REPORT_CACHE_SECONDS
+) -> ExperimentReport:
+    """The stats page's report, reused for up to ``seconds`` per experiment and filters.
+
+    On a large experiment the exact distinct counts and percentiles take seconds;
+    a page that is at most a minute old is what an operator watching a rollout
+    needs, and repeated loads stay cheap. The report holds figures and labels
+    only: no key, ciphertext or subject identity goes to the cache.
+    """
+    key = "mx:report:{}:{}:{}:{}".format(
+        experiment.pk,
+        filters.since.isoformat() if filters.since else "-",
+        filters.until.isoformat() if filters.until else "-",
+        filters.subject_kind or "-",
+    )
+    try:
+        report = cache.get(key)
+    except Exception:  # a cache outage must not take the stats page down
+        report = None
+    if report is None:
+        report = experiment_report(experiment, filters)
+        with contextlib.suppress(Exception):
+            cache.set(key, report, seconds)
+    return report
+
+
+# --- request browser ----------------------------------------------------------
+
+BROWSER_PAGE_SIZE = 50
+
+_BROWSER_COLUMNS = (
+    "usage_id",
+    "created_at",
+    "variant_version_id",
+    "allocation_subject",
+    "client_request_id",
+    "request_kind",
+    "request_body_sha256",
+    "was_truncated",
+    "usage__status_code",
+    "usage__has_error",
+    "usage__input_tokens",
+    "usage__output_tokens",
+    "usage__ttfb_ms",
+    "usage__total_ms",
+)
+
+
+@dataclass(frozen=True)
+class BrowserFilters:
+    slot: uuid.UUID | None = None
+    checkpoint: uuid.UUID | None = None
+    subject_kind: str | None = None
+    status: str | None = None  # "ok", "error" or a status code
+    client_request_id: str | None = None
+
+    def __post_init__(self):
+        if self.subject_kind is not None and self.subject_kind not in AllocationSubject.values:
+            raise ReportInputError(f"Unknown subject kind {self.subject_kind!r}.")
+        if (
+            self.status is not None
+            and self.status not in ("ok", "error")
+            and not (self.status.isdigit() and 100 <= int(self.status) <= 599)
+        ):
+            raise ReportInputError("Status must be 'ok', 'error' or an HTTP status code.")
+
+    def q(self) -> Q:
+        condition = Q()
+        if self.subject_kind:
+            condition &= Q(allocation_subject=self.subject_kind)
+        if self.status == "ok":
+            condition &= Q(usage__has_error=False)
+        elif self.status == "error":
+            condition &= Q(usage__has_error=True)
+        elif self.status:
+            condition &= Q(usage__status_code=int(self.status))
+        if self.client_request_id:
+            condition &= Q(client_request_id=self.client_request_id)
+        return condition
+
+
+@dataclass
+class RequestRow:
+    usage_id: uuid.UUID
+    created_at: datetime
+    version_id: uuid.UUID
+    slot_label: str
+    internal_id: str
+    allocation_subject: str
+    client_request_id: str | None
+    request_kind: str
+    request_body_sha256: str
+    was_truncated: bool
+    status_code: int
+    has_error: bool
+    input_tokens: int
+    output_tokens: int
+    ttfb_ms: int | None
+    total_ms: int | None
+
+
+@dataclass
+class RequestPage:
+    rows: list[RequestRow]
+    next_cursor: str | None
+
+
+def encode_cursor(created_at: datetime, usage_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(usage_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created_raw, usage_raw = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        created_at = datetime.fromisoformat(created_raw)
+        usage_id = uuid.UUID(usage_raw)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ReportInputError(
+            "This page link is invalid; start again from the first page."
+        ) from None
+    if timezone.is_naive(created_at):
+        raise ReportInputError("This page link is invalid; start again from the first page.")
+    return created_at, usage_id
+
+
+def _version_labels(experiment: Experiment) -> dict[uuid.UUID, tuple[uuid.UUID, str, str]]:
+    """version id -> (slot id, slot label, internal id)."""
+    return {
+        row["id"]: (
+            row["variant_id"],
+            row["variant__label"],
+            str((row["upstream"] or {}).get("internal_id", "")),
+        )
+        for row in VariantVersion.objects.filter(variant__experiment=experiment).values(
+            "id", "variant_id", "variant__label", "upstream"
+        )
+    }
+
+
+def _to_row(values: dict, labels: dict) -> RequestRow:
+    _, slot_label, internal_id = labels[values["variant_version_id"]]
+    return RequestRow(
+        usage_id=values["usage_id"],
+        created_at=values["created_at"],
+        version_id=values["variant_version_id"],
+        slot_label=slot_label,
+        internal_id=internal_id,
+        allocation_subject=values["allocation_subject"],
+        client_request_id=values["client_request_id"],
+        request_kind=values["request_kind"],
+        request_body_sha256=values["request_body_sha256"],
+        was_truncated=values["was_truncated"],
+        status_code=values["usage__status_code"],
+        has_error=values["usage__has_error"],
+        input_tokens=values["usage__input_tokens"],
+        output_tokens=values["usage__output_tokens"],
+        ttfb_ms=values["usage__ttfb_ms"],
+        total_ms=values["usage__total_ms"],
+    )
+
+
+def browse_requests(
+    experiment: Experiment,
+    filters: BrowserFilters | None = None,
+    *,
+    cursor: str | None = None,
+    page_size: int = BROWSER_PAGE_SIZE,
+) -> RequestPage:
+    """One page of attributed requests, newest first, keyset-paginated.
+
+    Each checkpoint is read through its own (variant_version, created_at,
+    usage_id) index range, newest first, and the few per-checkpoint pages are
+    merged here: a deep page costs the same as the first, whatever else the
+    table holds.
+    """
+    filters = filters or BrowserFilters()
+    labels = _version_labels(experiment)
+    version_ids = [
+        version_id
+        for version_id, (slot_id, _, _) in labels.items()
+        if (filters.slot is None or slot_id == filters.slot)
+        and (filters.checkpoint is None or version_id == filters.checkpoint)
+    ]
+    position = decode_cursor(cursor) if cursor else None
+    per_version = []
+    for version_id in version_ids:
+        queryset = ExperimentRequest.objects.filter(filters.q(), variant_version_id=version_id)
+        if position is not None:
+            created_at, usage_id = position
+            # "<= then tie-break" keeps the index range bounded by created_at.
+            queryset = queryset.filter(created_at__lte=created_at).filter(
+                Q(created_at__lt=created_at) | Q(usage_id__lt=usage_id)
+            )
+        per_version.append(
+            list(
+                queryset.order_by("-created_at", "-usage_id").values(*_BROWSER_COLUMNS)[
+                    : page_size + 1
+                ]
+            )
+        )
+    newest_first = merge(
+        *per_version, key=lambda row: (row["created_at"], row["usage_id"]), reverse=True
+    )
+    page = list(islice(newest_first, page_size + 1))
+    rows = [_to_row(values, labels) for values in page[:page_size]]
+    next_cursor = None
+    if len(page) > page_size:
+        last = rows[-1]
+        next_cursor = encode_cursor(last.created_at, last.usage_id)
+    return RequestPage(rows=rows, next_cursor=next_cursor)
+
+
+def request_detail(experiment: Experiment, usage_id: uuid.UUID) -> RequestRow | None:
+    labels = _version_labels(experiment)
+    values = (
+        ExperimentRequest.objects.filter(usage_id=usage_id, variant_version_id__in=list(labels))
+        .values(*_BROWSER_COLUMNS)
+        .first()
+    )
+    return _to_row(values, labels) if values else None
+
+
+# --- feedback join ------------------------------------------------------------
+
+
+@dataclass
+class FeedbackMatch:
+    client_request_id: str
+    rows: list[RequestRow]
+
+
+def feedback_join(experiment: Experiment, client_request_ids: list[str]) -> list[FeedbackMatch]:
+    """Which checkpoint served each client request id (retries can give several rows)."""
+    labels = _version_labels(experiment)
+    found: dict[str, list[RequestRow]] = defaultdict(list)
+    chunk = 1000
+    for start in range(0, len(client_request_ids), chunk):
+        for values in (
+            ExperimentRequest.objects.filter(
+                client_request_id__in=client_request_ids[start : start + chunk],
+                variant_version_id__in=list(labels),
+            )
+            .order_by("created_at", "usage_id")
+            .values(*_BROWSER_COLUMNS)
+        ):
+            found[values["client_request_id"]].append(_to_row(values, labels))
+    return [FeedbackMatch(rid, found.get(rid, [])) for rid in client_request_ids]

@@ -1,0 +1,177 @@
+"""A seeded experiment with a hot-swap, for the report tests.
+
+Rows are built in memory first (``SeededRequest``) so tests can compute the
+expected figures from them independently of the selectors under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from experiments.models import AllocationSubject, Experiment, ExperimentRequest, VariantVersion
+from gateway.models import GatewayUsage
+from tests.factories import (
+    ExperimentFactory,
+    VariantFactory,
+    VariantVersionFactory,
+    upstream_config,
+)
+
+
+@dataclass
+class SeededRequest:
+    usage_id: uuid.UUID
+    created_at: datetime
+    version_id: uuid.UUID
+    slot_label: str
+    subject_kind: str
+    subject_hash: str
+    user_id: int | None
+    client_request_id: str | None
+    has_error: bool
+    status_code: int
+    ttfb_ms: int | None
+    total_ms: int
+    input_tokens: int
+    output_tokens: int
+    body_sha256: str
+
+
+@dataclass
+class SeededExperiment:
+    experiment: Experiment
+    versions: dict[str, VariantVersion]  # "a1", "a2" (after the swap), "b1"
+    swap_at: datetime
+    start: datetime
+    requests: list[SeededRequest]
+
+
+def seed_experiment(
+    *,
+    subjects: int = 200,
+    requests: int = 600,
+    share_of_slot_a: float = 0.5,
+    api_key: str = "sk-test-partner-key",
+    seed: int = 7,
+    start: datetime | None = None,
+) -> SeededExperiment:
+    """Two equal-weight slots; slot-a hot-swaps from a1 to a2 half-way through.
+
+    ``share_of_slot_a`` is the fraction of subjects placed in slot-a (0.5 is a
+    balanced split; anything far from it is a sample-ratio mismatch).
+    """
+    rng = random.Random(seed)
+    start = start or (timezone.now() - timedelta(hours=2)).replace(microsecond=0)
+    swap_at = start + timedelta(minutes=60)
+    experiment = ExperimentFactory(status="active", started_at=start - timedelta(days=1))
+    slot_a = VariantFactory(experiment=experiment, label="slot-a", weight=1)
+    slot_b = VariantFactory(experiment=experiment, label="slot-b", weight=1)
+    versions = {
+        "a1": VariantVersionFactory(
+            variant=slot_a,
+            upstream=upstream_config(internal_id="rc-alpha-1"),
+            effective_at=start - timedelta(days=1),
+            api_key=api_key,
+        ),
+        "b1": VariantVersionFactory(
+            variant=slot_b,
+            upstream=upstream_config(internal_id="rc-bravo-1"),
+            effective_at=start - timedelta(days=1),
+            api_key=api_key,
+        ),
+        "a2": VariantVersionFactory(
+            variant=slot_a,
+            upstream=upstream_config(internal_id="rc-alpha-2"),
+            effective_at=swap_at,
+            api_key=api_key,
+        ),
+    }
+    # Plain rows: password hashing would dominate the test time.
+    users = [
+        user.pk
+        for user in get_user_model().objects.bulk_create(
+            [get_user_model()(username=f"subject-{uuid.uuid4().hex[:12]}") for _ in range(5)]
+        )
+    ]
+    kinds = [AllocationSubject.USER, AllocationSubject.MACHINE, AllocationSubject.IP]
+    in_slot_a = round(subjects * share_of_slot_a)
+    subject_slot = ["slot-a" if index < in_slot_a else "slot-b" for index in range(subjects)]
+    subject_kind = [kinds[index % 3] for index in range(subjects)]
+    rows = []
+    for index in range(requests):
+        subject = index % subjects if index < subjects else rng.randrange(subjects)
+        created_at = start + timedelta(seconds=index * 7200 // requests)
+        slot = subject_slot[subject]
+        if slot == "slot-a":
+            version = versions["a1"] if created_at < swap_at else versions["a2"]
+            error_probability = 0.05 if version is versions["a1"] else 0.2
+        else:
+            version = versions["b1"]
+            error_probability = 0.1
+        has_error = rng.random() < error_probability
+        kind = subject_kind[subject]
+        rows.append(
+            SeededRequest(
+                usage_id=uuid.uuid4(),
+                created_at=created_at,
+                version_id=version.pk,
+                slot_label=slot,
+                subject_kind=kind,
+                subject_hash=hashlib.sha256(f"subject-{subject}".encode()).hexdigest(),
+                user_id=users[subject % 5] if kind == AllocationSubject.USER else None,
+                # Some retries share an id; some clients send none.
+                client_request_id=None if index % 10 == 0 else f"msg-{index // 2}",
+                has_error=has_error,
+                status_code=500 if has_error else 200,
+                ttfb_ms=None if index % 17 == 0 else rng.randint(20, 900),
+                total_ms=rng.randint(100, 5000),
+                input_tokens=rng.randint(1, 500),
+                output_tokens=rng.randint(1, 800),
+                body_sha256=hashlib.sha256(f"body-{index}".encode()).hexdigest(),
+            )
+        )
+    insert_requests(rows, public_model_id=experiment.public_model_id)
+    return SeededExperiment(experiment, versions, swap_at, start, rows)
+
+
+def insert_requests(rows: list[SeededRequest], *, public_model_id: str) -> None:
+    GatewayUsage.objects.bulk_create(
+        [
+            GatewayUsage(
+                id=row.usage_id,
+                created_at=row.created_at,
+                user_id=row.user_id,
+                public_model_id=public_model_id,
+                request_kind="chat_completions",
+                status_code=row.status_code,
+                has_error=row.has_error,
+                input_tokens=row.input_tokens,
+                output_tokens=row.output_tokens,
+                ttfb_ms=row.ttfb_ms,
+                total_ms=row.total_ms,
+            )
+            for row in rows
+        ]
+    )
+    ExperimentRequest.objects.bulk_create(
+        [
+            ExperimentRequest(
+                usage_id=row.usage_id,
+                variant_version_id=row.version_id,
+                allocation_subject=row.subject_kind,
+                allocation_subject_hash=row.subject_hash,
+                client_request_id=row.client_request_id,
+                request_kind="chat_completions",
+                request_body_sha256=row.body_sha256,
+                created_at=row.created_at,
+            )
+            for row in rows
+        ]
+    )

@@ -1,0 +1,87 @@
+"""Headless chromium through the report pages: stats charts, request browser, prompt."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from experiments.models import ExperimentRequest
+from gateway.prompt_store import get_prompt_store
+from tests.factories import SuperUserFactory
+from tests.report_seed import seed_experiment
+
+os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"),
+            args=CHROMIUM_ARGS,
+        )
+        context = browser.new_context(viewport={"width": 1360, "height": 1000})
+        yield context.new_page()
+        context.close()
+        browser.close()
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_staff_reads_stats_browses_requests_and_inflates_a_prompt(
+    page, live_server, settings, tmp_path
+):
+    settings.PROMPT_STORE_DIR = tmp_path / "prompts"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    seeded = seed_experiment(subjects=120, requests=900, share_of_slot_a=0.7)
+    newest = max(seeded.requests, key=lambda r: (r.created_at, r.usage_id))
+    body = {
+        "model": seeded.experiment.public_model_id,
+        "messages": [
+            {"role": "system", "content": "You are a careful reviewer."},
+            {"role": "user", "content": "Summarise the checkpoint comparison."},
+        ],
+    }
+    sha256 = get_prompt_store().put(json.dumps(body).encode())
+    ExperimentRequest.objects.filter(usage_id=newest.usage_id).update(request_body_sha256=sha256)
+    SuperUserFactory(username="reports-admin")
+
+    page.goto(f"{live_server.url}/admin/login/")
+    page.fill("#id_username", "reports-admin")
+    page.fill("#id_password", "pw-for-tests-1234")
+    page.click("input[type=submit]")
+
+    page.goto(f"{live_server.url}/admin/experiments/experiment/{seeded.experiment.pk}/stats/")
+    assert page.locator("svg.mx-chart").count() == 3
+    assert page.locator("svg.mx-chart polyline.mx-series").count() == 3
+    assert page.locator("svg.mx-chart line.mx-handover").count() == 1
+    assert page.locator("#srm-warning").is_visible()
+    page.screenshot(path=str(SCREENSHOTS / "reports-stats.png"), full_page=True)
+
+    page.click("nav.mx-nav >> text=Requests")
+    assert page.locator("#request-list tbody tr").count() == 50
+    page.screenshot(path=str(SCREENSHOTS / "reports-requests.png"), full_page=True)
+    page.click("#next-page")
+    assert page.locator("#request-list tbody tr").count() == 50
+
+    page.click("nav.mx-nav >> text=Requests")
+    page.locator("#request-list tbody tr").first.locator("td").nth(2).click()
+    page.wait_for_selector("#prompt-messages")
+    assert "Summarise the checkpoint comparison." in page.inner_text("#prompt-messages")
+    page.screenshot(path=str(SCREENSHOTS / "reports-request-detail.png"), full_page=True)

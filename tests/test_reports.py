@@ -1,0 +1,379 @@
+"""Per-checkpoint figures, SRM and comparisons against independent computations
+from the raw seeded rows; the experiment_report command."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from datetime import timedelta
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from experiments import significance
+from experiments.reports import (
+    ReportFilters,
+    ReportInputError,
+    bucket_seconds_for,
+    experiment_report,
+)
+from tests.report_seed import seed_experiment
+
+
+def by_version(rows):
+    grouped = defaultdict(list)
+    for row in rows:
+        grouped[row.version_id].append(row)
+    return grouped
+
+
+def quantile(values, fraction):
+    """Independent percentile_cont: statistics' inclusive method is linear interpolation."""
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[round(fraction * 100) - 1]
+
+
+@pytest.fixture
+def seeded(db):
+    return seed_experiment()
+
+
+# --- figures ------------------------------------------------------------------
+
+
+def test_each_row_counts_for_the_checkpoint_that_served_it_across_a_hot_swap(seeded):
+    report = experiment_report(seeded.experiment)
+    expected = by_version(seeded.requests)
+    assert {c.version_id for c in report.checkpoints} == set(expected)
+    for checkpoint in report.checkpoints:
+        rows = expected[checkpoint.version_id]
+        assert checkpoint.requests == len(rows)
+        assert checkpoint.errors == sum(r.has_error for r in rows)
+        assert checkpoint.error_rate == pytest.approx(sum(r.has_error for r in rows) / len(rows))
+        assert checkpoint.input_tokens == sum(r.input_tokens for r in rows)
+        assert checkpoint.output_tokens == sum(r.output_tokens for r in rows)
+
+
+def test_distinct_subjects_users_and_messages_match_raw_rows(seeded):
+    report = experiment_report(seeded.experiment)
+    expected = by_version(seeded.requests)
+    for checkpoint in report.checkpoints:
+        rows = expected[checkpoint.version_id]
+        assert checkpoint.distinct_subjects == len({r.subject_hash for r in rows})
+        assert checkpoint.distinct_users == len({r.user_id for r in rows if r.user_id})
+        assert checkpoint.distinct_messages == len(
+            {r.client_request_id for r in rows if r.client_request_id}
+        )
+
+
+def test_percentiles_match_linear_interpolation_of_raw_values(seeded):
+    report = experiment_report(seeded.experiment)
+    expected = by_version(seeded.requests)
+    for checkpoint in report.checkpoints:
+        rows = expected[checkpoint.version_id]
+        ttfb = [r.ttfb_ms for r in rows if r.ttfb_ms is not None]
+        total = [r.total_ms for r in rows]
+        assert checkpoint.ttfb_p50 == pytest.approx(quantile(ttfb, 0.5))
+        assert checkpoint.ttfb_p95 == pytest.approx(quantile(ttfb, 0.95))
+        assert checkpoint.total_p50 == pytest.approx(quantile(total, 0.5))
+        assert checkpoint.total_p95 == pytest.approx(quantile(total, 0.95))
+        assert checkpoint.total_mean == pytest.approx(statistics.fmean(total))
+
+
+def test_checkpoints_are_grouped_under_their_slot_with_effective_periods(seeded):
+    report = experiment_report(seeded.experiment)
+    slots = {slot.label: slot for slot in report.slots}
+    a1, a2 = slots["slot-a"].checkpoints
+    assert (a1.internal_id, a2.internal_id) == ("rc-alpha-1", "rc-alpha-2")
+    assert a1.effective_until == seeded.swap_at == a2.effective_from
+    assert a2.is_current and not a1.is_current
+    assert [c.internal_id for c in slots["slot-b"].checkpoints] == ["rc-bravo-1"]
+
+
+def test_subject_kind_filter_counts_only_that_kind(seeded):
+    report = experiment_report(seeded.experiment, ReportFilters(subject_kind="machine"))
+    expected = by_version([r for r in seeded.requests if r.subject_kind == "machine"])
+    for checkpoint in report.checkpoints:
+        assert checkpoint.requests == len(expected[checkpoint.version_id])
+
+
+def test_time_window_includes_since_and_excludes_until(seeded):
+    since = seeded.start + timedelta(minutes=30)
+    until = seeded.start + timedelta(minutes=90)
+    report = experiment_report(seeded.experiment, ReportFilters(since=since, until=until))
+    inside = [r for r in seeded.requests if since <= r.created_at < until]
+    assert report.total_requests == len(inside)
+
+
+def test_since_after_until_is_refused(seeded):
+    with pytest.raises(ReportInputError, match="since"):
+        ReportFilters(since=seeded.start, until=seeded.start - timedelta(seconds=1))
+
+
+def test_unknown_subject_kind_is_refused():
+    with pytest.raises(ReportInputError, match="subject kind"):
+        ReportFilters(subject_kind="robot")
+
+
+# --- sample-ratio mismatch ----------------------------------------------------
+
+
+def independent_chi_square(rows, slot_order):
+    per_slot = defaultdict(set)
+    for row in rows:
+        per_slot[row.slot_label].add(row.subject_hash)
+    observed = [len(per_slot[label]) for label in slot_order]
+    expected = sum(observed) / 2
+    statistic = sum((count - expected) ** 2 / expected for count in observed)
+    # chi-square with one degree of freedom: P(X >= x) = erfc(sqrt(x / 2)).
+    return observed, statistic, math.erfc(math.sqrt(statistic / 2))
+
+
+@pytest.mark.django_db
+def test_skewed_split_triggers_the_srm_warning():
+    seeded = seed_experiment(share_of_slot_a=0.7)
+    report = experiment_report(seeded.experiment)
+    srm = report.srm
+    observed, statistic, p_value = independent_chi_square(
+        seeded.requests, [slot.label for slot in report.slots]
+    )
+    assert srm.observed == observed
+    assert srm.chi_square == pytest.approx(statistic)
+    assert srm.p_value == pytest.approx(p_value, rel=1e-9)
+    assert srm.mismatch
+
+
+def test_balanced_split_has_no_srm_warning(seeded):
+    report = experiment_report(seeded.experiment)
+    srm = report.srm
+    observed, statistic, p_value = independent_chi_square(
+        seeded.requests, [slot.label for slot in report.slots]
+    )
+    assert srm.observed == observed
+    assert srm.p_value == pytest.approx(p_value)
+    assert not srm.mismatch
+
+
+def test_slot_subject_seen_before_and_after_a_hot_swap_counts_once(seeded):
+    report = experiment_report(seeded.experiment)
+    slot_a = next(slot for slot in report.slots if slot.label == "slot-a")
+    expected = {r.subject_hash for r in seeded.requests if r.slot_label == "slot-a"}
+    assert slot_a.distinct_subjects == len(expected)
+    assert slot_a.distinct_subjects < sum(c.distinct_subjects for c in slot_a.checkpoints)
+
+
+@pytest.mark.django_db
+def test_srm_is_not_run_with_too_few_subjects():
+    seeded = seed_experiment(subjects=4, requests=8)
+    srm = experiment_report(seeded.experiment).srm
+    assert srm.p_value is None and "too few" in srm.reason
+
+
+@pytest.mark.parametrize(
+    ("statistic", "dof", "expected"),
+    [
+        (3.841458820694124, 1, 0.05),
+        (10.827566170662733, 1, 0.001),
+        (5.991464547107979, 2, 0.05),
+        (18.307038053275146, 10, 0.05),
+        (20.515005652432873, 5, 0.001),
+        (0.0, 3, 1.0),
+        (200.0, 4, math.exp(-100.0) * (1 + 100.0)),  # k=4: e^(-x/2)(1 + x/2)
+    ],
+)
+def test_chi_square_survival_matches_known_values(statistic, dof, expected):
+    assert significance.chi_square_sf(statistic, dof) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("statistic", [0.01, 0.5, 1.7, 4.0, 12.0, 60.0])
+def test_chi_square_survival_with_two_degrees_is_exponential(statistic):
+    assert significance.chi_square_sf(statistic, 2) == pytest.approx(
+        math.exp(-statistic / 2), rel=1e-12
+    )
+
+
+# --- comparisons --------------------------------------------------------------
+
+
+def test_newcombe_interval_matches_published_example():
+    # Newcombe (1998), Statistics in Medicine 17:873, table II example (56/70 vs 48/80).
+    difference, lower, upper = significance.newcombe_difference_interval(56, 70, 48, 80)
+    assert difference == pytest.approx(0.2)
+    assert (round(lower, 4), round(upper, 4)) == (0.0524, 0.3339)
+
+
+def test_error_rate_comparison_uses_the_raw_error_counts(seeded):
+    report = experiment_report(seeded.experiment)
+    expected = by_version(seeded.requests)
+    for comparison in report.comparisons:
+        base = expected[comparison.baseline.version_id]
+        cand = expected[comparison.candidate.version_id]
+        difference, lower, upper = significance.newcombe_difference_interval(
+            sum(r.has_error for r in cand), len(cand), sum(r.has_error for r in base), len(base)
+        )
+        assert comparison.error_rate_difference == pytest.approx(difference)
+        assert comparison.error_rate_ci == pytest.approx((lower, upper))
+
+
+def test_every_pair_of_served_checkpoints_is_compared(seeded):
+    report = experiment_report(seeded.experiment)
+    pairs = {
+        frozenset((c.baseline.internal_id, c.candidate.internal_id)) for c in report.comparisons
+    }
+    assert len(report.comparisons) == 3 and len(pairs) == 3
+
+
+def test_latency_comparison_reports_p50_and_mean_differences(seeded):
+    report = experiment_report(seeded.experiment)
+    expected = by_version(seeded.requests)
+    comparison = report.comparisons[0]
+    base = [r.total_ms for r in expected[comparison.baseline.version_id]]
+    cand = [r.total_ms for r in expected[comparison.candidate.version_id]]
+    assert comparison.total_p50_difference == pytest.approx(
+        quantile(cand, 0.5) - quantile(base, 0.5)
+    )
+    assert comparison.total_mean_difference == pytest.approx(
+        statistics.fmean(cand) - statistics.fmean(base)
+    )
+    low, high = comparison.total_mean_ci
+    assert low < comparison.total_mean_difference < high
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.5, 0.95, 1.0])
+def test_percentile_linear_matches_inclusive_quantiles(fraction):
+    values = [5, 1, 9, 3, 3, 12, 40, 7]
+    ordered = sorted(values)
+    if fraction in (0.0, 1.0):
+        expected = ordered[0] if fraction == 0.0 else ordered[-1]
+    else:
+        expected = quantile(values, fraction)
+    assert significance.percentile_linear(values, fraction) == pytest.approx(expected)
+
+
+# --- time series --------------------------------------------------------------
+
+
+def test_timeseries_counts_add_up_to_each_checkpoints_requests(seeded):
+    report = experiment_report(seeded.experiment)
+    for checkpoint in report.checkpoints:
+        assert sum(report.timeseries.counts[checkpoint.version_id]) == checkpoint.requests
+
+
+def test_timeseries_shows_the_handover_at_the_hot_swap(seeded):
+    series = experiment_report(seeded.experiment).timeseries
+    a1 = series.counts[seeded.versions["a1"].pk]
+    a2 = series.counts[seeded.versions["a2"].pk]
+    swap = seeded.swap_at
+    for start, old, new in zip(series.buckets, a1, a2, strict=True):
+        end = start + timedelta(seconds=series.bucket_seconds)
+        if end <= swap:
+            assert new == 0
+        if start >= swap:
+            assert old == 0
+    assert any(a1) and any(a2)
+
+
+@pytest.mark.parametrize(
+    ("span", "size"),
+    [(timedelta(hours=1), 60), (timedelta(days=1), 900), (timedelta(days=7), 3 * 3600)],
+)
+def test_bucket_size_keeps_a_window_within_120_points(span, size):
+    assert bucket_seconds_for(span) == size
+
+
+# --- the encrypted column -----------------------------------------------------
+
+
+def test_report_queries_never_select_the_encrypted_key(seeded):
+    with CaptureQueriesContext(connection) as queries:
+        experiment_report(seeded.experiment)
+    assert queries.captured_queries
+    assert not [q for q in queries.captured_queries if "encrypted_api_key" in q["sql"]]
+
+
+# --- experiment_report command ------------------------------------------------
+
+
+def run_report(*args):
+    out, err = io.StringIO(), io.StringIO()
+    call_command("experiment_report", *args, stdout=out, stderr=err)
+    return out.getvalue()
+
+
+def test_json_export_carries_the_same_figures_as_the_selector(seeded):
+    exported = json.loads(run_report(str(seeded.experiment.pk), "--format", "json"))
+    report = experiment_report(seeded.experiment)
+    by_internal = {c["internal_id"]: c for s in exported["slots"] for c in s["checkpoints"]}
+    for checkpoint in report.checkpoints:
+        row = by_internal[checkpoint.internal_id]
+        assert row["requests"] == checkpoint.requests
+        assert row["error_rate"] == pytest.approx(checkpoint.error_rate)
+        assert row["total_ms_p95"] == pytest.approx(checkpoint.total_p95)
+    assert exported["srm"]["p_value"] == pytest.approx(report.srm.p_value)
+    assert len(exported["comparisons"]) == 3
+
+
+def test_csv_export_has_one_row_per_checkpoint(seeded):
+    rows = list(csv.DictReader(io.StringIO(run_report(str(seeded.experiment.pk), "-f", "csv"))))
+    assert sorted(r["internal_id"] for r in rows) == ["rc-alpha-1", "rc-alpha-2", "rc-bravo-1"]
+
+
+def test_table_export_shows_srm_warning_for_a_skewed_split(db):
+    seeded = seed_experiment(share_of_slot_a=0.7)
+    assert "SAMPLE RATIO MISMATCH" in run_report(str(seeded.experiment.pk))
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv"])
+def test_export_carries_no_identifying_fields_nor_the_key(db, canary_key, fmt):
+    seeded = seed_experiment(api_key=canary_key)
+    row = seeded.requests[0]
+    from experiments.models import ExperimentRequest, VariantVersion
+
+    ExperimentRequest.objects.filter(usage_id=row.usage_id).update(client_request_id=canary_key)
+    ciphertext = VariantVersion.with_ciphertext.get(pk=row.version_id).encrypted_api_key
+    output = run_report(str(seeded.experiment.pk), "--format", fmt)
+    forbidden = [canary_key, ciphertext["data"], ciphertext["iv"], ciphertext["authTag"]]
+    forbidden += [r.client_request_id for r in seeded.requests if r.client_request_id]
+    forbidden += [r.subject_hash for r in seeded.requests]
+    forbidden += [str(r.usage_id) for r in seeded.requests]
+    assert not [value for value in forbidden if value in output]
+    assert "user_id" not in output and "client_request_id" not in output
+
+
+def test_export_with_subject_kind_and_window_counts_only_matching_rows(seeded):
+    since = (seeded.start + timedelta(minutes=30)).isoformat()
+    exported = json.loads(
+        run_report(
+            str(seeded.experiment.pk), "--format", "json", "--since", since, "--subject-kind", "ip"
+        )
+    )
+    total = sum(c["requests"] for s in exported["slots"] for c in s["checkpoints"])
+    assert total == len(
+        [
+            r
+            for r in seeded.requests
+            if r.subject_kind == "ip" and r.created_at >= seeded.start + timedelta(minutes=30)
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["00000000-0000-0000-0000-000000000000"], "No experiment"),
+        (["not-a-uuid"], "No experiment"),
+        (["{id}", "--since", "yesterday"], "Bad --since"),
+        (["{id}", "--since", "2025-02-01", "--until", "2025-01-01"], "since"),
+        (["{id}", "--subject-kind", "robot"], "subject kind"),
+    ],
+)
+def test_bad_arguments_give_a_clear_error(seeded, args, message):
+    args = [a.replace("{id}", str(seeded.experiment.pk)) for a in args]
+    with pytest.raises(CommandError, match=message):
+        run_report(*args)
