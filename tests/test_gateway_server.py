@@ -7,15 +7,13 @@ import httpx
 import openai
 import pytest
 
-from experiments.models import AllocationSubject, ExperimentRequest
+from experiments.models import AllocationSubject
 from gateway.models import GatewayUsage
 from gateway.tokens import create_token
 from tests.factories import UserFactory
 from tests.gateway_server import gateway, gateway_factory, requires_server, wait_for_rows  # noqa: F401
 from tests.gateway_support import (
     active_experiment,
-    expected_variant_id,
-    internal_id_of,
     wait_listed,
 )
 
