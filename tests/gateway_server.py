@@ -1,4 +1,5 @@
-"""The gateway as a real uvicorn subprocess, pointed at the pytest-django test database.
+"""Pytest plugin (``-p tests.gateway_server``): the gateway as a real uvicorn subprocess,
+pointed at the pytest-django test database.
 
 Tests using it need committed rows (``transactional_db``), PostgreSQL and Redis
 (a second process cannot see SQLite's in-memory test database or a local-memory cache).

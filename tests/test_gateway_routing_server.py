@@ -15,11 +15,9 @@ from experiments.models import ExperimentRequest, Variant
 from gateway.models import GatewayUsage
 from gateway.tokens import create_token, revoke_token
 from tests.factories import UserFactory, upstream_config
-from tests.gateway_server import (  # noqa: F401
+from tests.gateway_server import (
     ROOT,
     free_port,
-    gateway,
-    gateway_factory,
     requires_server,
     wait_for_rows,
     wait_until,

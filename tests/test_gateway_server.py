@@ -11,7 +11,7 @@ from experiments.models import AllocationSubject
 from gateway.models import GatewayUsage
 from gateway.tokens import create_token
 from tests.factories import UserFactory
-from tests.gateway_server import gateway, gateway_factory, requires_server, wait_for_rows  # noqa: F401
+from tests.gateway_server import requires_server, wait_for_rows
 from tests.gateway_support import (
     active_experiment,
     wait_listed,
