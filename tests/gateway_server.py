@@ -21,9 +21,6 @@ import httpx
 import pytest
 from django.db import connection
 
-from experiments.models import ExperimentRequest
-from gateway.models import GatewayUsage
-
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 20
 
@@ -161,6 +158,9 @@ def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, interva
 
 def wait_for_rows(usage: int, attribution: int | None = None, *, timeout: float = 20.0) -> None:
     """Wait until the server's writer has landed at least these many rows, then check exact."""
+    # Imported here: this module is a pytest plugin, loaded before Django is set up.
+    from experiments.models import ExperimentRequest
+    from gateway.models import GatewayUsage
 
     def counts() -> tuple[int, int]:
         return GatewayUsage.objects.count(), ExperimentRequest.objects.count()
