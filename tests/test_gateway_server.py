@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from experiments.models import AllocationSubject
+from experiments.models import AllocationSubject, VariantVersion
 from gateway.models import GatewayUsage
 from gateway.tokens import create_token
 from tests.factories import UserFactory
@@ -139,7 +139,7 @@ def test_blinding_of_headers_and_every_sse_event(gateway, upstream, path, body):
     events = [e for e in text.split("\n\n") if e.strip()]
     assert len(events) >= 3
     assert upstream.received[-1]["json"]["model"] in [
-        v.internal_id for v in __import__("experiments.models").models.VariantVersion.objects.all()
+        v.internal_id for v in VariantVersion.objects.all()
     ]
     _assert_blind(text, exp, upstream)
     header_text = "\n".join(f"{k}: {v}" for k, v in headers.items())
