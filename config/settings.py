@@ -171,5 +171,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
+        # httpx logs every upstream request at INFO: per-request noise on the gateway's hot path.
+        "httpx": {"level": "WARNING"},
     },
 }

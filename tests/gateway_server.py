@@ -1,0 +1,176 @@
+"""Pytest plugin (``-p tests.gateway_server``): the gateway as a real uvicorn subprocess,
+pointed at the pytest-django test database.
+
+Tests using it need committed rows (``transactional_db``), PostgreSQL and Redis
+(a second process cannot see SQLite's in-memory test database or a local-memory cache).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_SECONDS = 20
+
+requires_server = pytest.mark.skipif(
+    os.environ.get("DATABASE_URL", "").split(":", 1)[0] not in ("postgres", "postgresql")
+    or not os.environ.get("REDIS_URL"),
+    reason="the gateway subprocess needs PostgreSQL and Redis shared with the test process",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_database_url() -> str:
+    db = connection.settings_dict
+    auth = quote(db["USER"] or "")
+    if db.get("PASSWORD"):
+        auth += ":" + quote(db["PASSWORD"])
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class GatewayServer:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.base + "/v1"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (lives as long as the server)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "config.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                # Client IPs come from our own trusted-proxy setting, never uvicorn's.
+                "--no-proxy-headers",
+                "--no-access-log",
+                "--timeout-graceful-shutdown",
+                "10",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited early:\n{self.log()}")
+            try:
+                if httpx.get(self.base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"gateway did not start:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def server_env(tmp_dir: Path, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "DATABASE_URL": test_database_url(),
+            "DATABASE_CONN_MAX_AGE": "60",
+            "PROMPT_STORE_DIR": str(tmp_dir / "prompts"),
+            "GATEWAY_UPSTREAM_TIMEOUT": "3",
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.pop("TEST_DATABASE_NAME", None)
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="session")
+def gateway_factory(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Callable]:
+    """Start (once per distinct environment) a gateway server; returns it."""
+    servers: dict[tuple, GatewayServer] = {}
+    tmp_dir = tmp_path_factory.mktemp("gateway")
+
+    def start(**overrides: str) -> GatewayServer:
+        key = tuple(sorted(overrides.items()))
+        if key not in servers:
+            with django_db_blocker.unblock():
+                env = server_env(tmp_dir, **overrides)
+            servers[key] = GatewayServer(env, tmp_dir / f"server-{len(servers)}.log")
+        return servers[key]
+
+    yield start
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def gateway(gateway_factory, transactional_db) -> GatewayServer:
+    """The default gateway: anonymous allowed, no default upstream, 3 s upstream timeout."""
+    return gateway_factory()
+
+
+def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, interval: float = 0.05):
+    """Poll until predicate() is truthy; return its value (fails the test after timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        time.sleep(interval)
+
+
+def wait_for_rows(usage: int, attribution: int | None = None, *, timeout: float = 20.0) -> None:
+    """Wait until the server's writer has landed at least these many rows, then check exact."""
+    # Imported here: this module is a pytest plugin, loaded before Django is set up.
+    from experiments.models import ExperimentRequest
+    from gateway.models import GatewayUsage
+
+    def counts() -> tuple[int, int]:
+        return GatewayUsage.objects.count(), ExperimentRequest.objects.count()
+
+    wait_until(
+        lambda: counts()[0] >= usage and (attribution is None or counts()[1] >= attribution),
+        timeout=timeout,
+    )
+    time.sleep(0.2)  # anything extra would land by now; the exact check below catches it
+    got = counts()
+    assert got[0] == usage, got
+    if attribution is not None:
+        assert got[1] == attribution, got
