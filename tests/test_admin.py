@@ -392,6 +392,17 @@ def test_change_page_shows_each_variant_share_in_percent(staff_client):
     assert "75.0%" in page
 
 
+def test_change_page_links_to_the_experiment_stats_requests_and_feedback_join(staff_client):
+    experiment = make_experiment()
+    page = staff_client.get(change_url(experiment)).content.decode()
+    for name in (
+        "experiments_experiment_stats",
+        "experiments_experiment_requests",
+        "experiments_experiment_feedback",
+    ):
+        assert f'href="{reverse(name, args=[experiment.pk])}"' in page
+
+
 def test_change_page_shows_version_history_without_key(staff_client, superuser):
     experiment = make_experiment(base_url="https://partner.example/v1")
     variant = experiment.variants.order_by("id").first()

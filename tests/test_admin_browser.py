@@ -36,8 +36,10 @@ def run_action(page, base_url: str, experiment: Experiment, action: str, query: 
     return page.inner_text("ul.messagelist")
 
 
-def hot_swap_through_editor(page, link_index: int, internal_id: str, key: str, shot: str = ""):
-    page.locator("a.mx-hot-swap-link").nth(link_index).click()
+def hot_swap_through_editor(page, label: str, internal_id: str, key: str, shot: str = ""):
+    # Rows are in bucket order (variant id), not creation order: find the slot by label.
+    row = page.locator("#variants-group tr", has=page.locator(f'input[value="{label}"]'))
+    row.locator("a.mx-hot-swap-link").click()
     # The django-jsonform editor (React) must have rendered from its static files.
     editor = page.locator("#id_upstream_jsonform .rjf-form-wrapper")
     editor.wait_for()
@@ -76,9 +78,9 @@ def test_staff_runs_an_experiment_from_draft_to_archive_in_the_browser(live_serv
         assert page.url == change_url
 
         # Load a checkpoint into each slot through the editor and the key field.
-        message = hot_swap_through_editor(page, 0, "foo-rc1", canary_key, shot="hot-swap")
+        message = hot_swap_through_editor(page, "control", "foo-rc1", canary_key, shot="hot-swap")
         assert "now serves 'foo-rc1'" in message
-        message = hot_swap_through_editor(page, 1, "foo-rc2", canary_key)
+        message = hot_swap_through_editor(page, "candidate", "foo-rc2", canary_key)
         assert "now serves 'foo-rc2'" in message
         assert canary_key not in page.content()
 
