@@ -15,11 +15,11 @@ Request boundaries: Django's ``ASGIHandler.handle`` sends ``request_started`` an
 the response (which sends ``request_finished``) through ``sync_to_async``, and so starts
 and joins one thread per request. Their receivers (``close_old_connections``,
 ``reset_queries``, ``close_caches``, ``reset_urlconf``) act on the database and cache
-connections of the request's context, and a gateway request almost never opens one (tokens
-and routing are cached in-process). So ``handle`` below runs them inline on the event loop
-when the request holds no such connection, and exactly as Django does (in the request's
-sync thread) when it does: a token-cache miss or a routing rebuild from PostgreSQL still
-gets its connection checked and recycled where it was opened.
+connections of the handler's own context. The view runs in a task (a copy of that context),
+so connections it opens are not among them, with Django's handler as with this one: at the
+boundary that set is empty in practice and the receivers only reset per-context state. So
+``handle`` below runs the hooks inline when the boundary context holds no connection, and
+through ``sync_to_async`` exactly as Django does when it holds one.
 """
 
 from __future__ import annotations
@@ -161,16 +161,16 @@ class GatewayASGIHandler(ASGIHandler):
 
 
 def request_holds_connections() -> bool:
-    """Whether this request's context opened a database or cache connection."""
+    """Whether the current context (and thread) holds a database or cache connection."""
     return bool(connections.all(initialized_only=True) or caches.all(initialized_only=True))
 
 
 async def run_boundary_hook(hook, *args, **kwargs):
     """Run a request-boundary hook (a signal send, ``response.close``).
 
-    Inline when the request holds no connection: its receivers then only reset
-    event-loop-thread state. Otherwise in the request's sync thread, as Django does,
-    because database connections may be closed only by the thread that opened them.
+    Inline when the context holds no connection: the receivers then only reset
+    per-context state. Otherwise in the request's sync thread, as Django does, because a
+    database connection may not be used from the event loop.
     """
     if request_holds_connections():
         return await sync_to_async(hook)(*args, **kwargs)

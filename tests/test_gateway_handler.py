@@ -13,11 +13,12 @@ import httpx
 import pytest
 from django.conf import settings
 from django.core import signals
+from django.core.cache import caches
 from django.core.handlers.asgi import ASGIHandler
 from django.test import override_settings
 
 from config.asgi import application, build_application
-from config.gateway_handler import GatewayASGIHandler, is_gateway_path
+from config.gateway_handler import GatewayASGIHandler, is_gateway_path, run_boundary_hook
 from tests.conftest import requires_postgres
 
 ADMIN_CHAIN_HEADER = "x-test-admin-chain"
@@ -125,13 +126,13 @@ class BoundaryRecorder:
         self.calls: list[tuple[str, bool]] = []
 
     def started(self, **kwargs) -> None:
-        self.calls.append(("started", self._on_event_loop()))
+        self.calls.append(("started", self.on_loop()))
 
     def finished(self, **kwargs) -> None:
-        self.calls.append(("finished", self._on_event_loop()))
+        self.calls.append(("finished", self.on_loop()))
 
     @staticmethod
-    def _on_event_loop() -> bool:
+    def on_loop() -> bool:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -157,9 +158,19 @@ def test_gateway_request_without_connections_runs_boundary_signals_once_inline(b
 
 @requires_postgres
 @pytest.mark.django_db(transaction=True)
-def test_gateway_request_that_used_the_database_finishes_in_its_sync_thread(boundaries):
-    # /readyz queries PostgreSQL from a sync thread; request_finished (close_old_connections)
-    # must run in that thread, where the connection was opened.
+def test_gateway_request_that_used_the_database_sends_each_boundary_signal_once(boundaries):
     response = call(application, "GET", "/readyz")
     assert response.json()["database"] == "ok"
-    assert boundaries.calls == [("started", True), ("finished", False)]
+    assert [name for name, _ in boundaries.calls] == ["started", "finished"]
+
+
+def test_boundary_hook_runs_in_a_sync_thread_when_the_context_holds_a_connection():
+    ran_on_event_loop: list[bool] = []
+
+    async def boundary() -> None:
+        caches["default"].get("any-key")  # opens this context's cache connection
+        await run_boundary_hook(lambda: ran_on_event_loop.append(BoundaryRecorder.on_loop()))
+
+    with ThreadPoolExecutor(max_workers=1) as loop_thread:
+        loop_thread.submit(asyncio.run, boundary()).result()
+    assert ran_on_event_loop == [False]
