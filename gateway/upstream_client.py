@@ -1,23 +1,17 @@
-"""The one pooled HTTP client per worker, and how an upstream request is built (SPEC §8).
-
-aiohttp rather than httpx: on the gateway's hot path httpx (httpcore over anyio) cost
-0.7 ms of CPU per upstream call at one client and ~2 ms at 32, mostly its connection pool
-checking every idle connection's socket on each request; aiohttp costs 0.1-0.2 ms for the
-same call (bench/RESULTS.md).
-"""
+"""The one pooled HTTP client per worker, and how an upstream request is built (SPEC §8)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
 
-import aiohttp
+import httpx
 from django.conf import settings
 
 from experiments.models import RequestKind
 from gateway.routing import Route
+from gateway.upstream_transport import AiohttpTransport
 
 logger = logging.getLogger(__name__)
 
@@ -30,34 +24,29 @@ UPSTREAM_PATHS = {
 FORWARDED_REQUEST_HEADERS = ("accept", "anthropic-version", "anthropic-beta")
 
 
-#: What a failed upstream exchange raises (besides ``TimeoutError``, checked first):
-#: refused or reset connections, bad URLs, cut or malformed HTTP.
-UpstreamConnectionError = (aiohttp.ClientError, OSError)
-
-
 class SharedClient:
-    """One ``aiohttp.ClientSession`` per event loop (uvicorn runs one loop per worker)."""
+    """One ``httpx.AsyncClient`` per event loop (uvicorn runs one loop per worker).
+
+    Its transport pools connections with aiohttp (see ``upstream_transport`` for why).
+    """
 
     def __init__(self) -> None:
-        self._clients: dict[int, aiohttp.ClientSession] = {}
+        self._clients: dict[int, httpx.AsyncClient] = {}
 
-    def get(self) -> aiohttp.ClientSession:
+    def get(self) -> httpx.AsyncClient:
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
-        if client is None or client.closed:
+        if client is None or client.is_closed:
             timeout = settings.GATEWAY_UPSTREAM_TIMEOUT
-            client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=512, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    # Waiting for a pooled connection, as httpx's pool timeout did.
-                    connect=timeout,
-                    sock_connect=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
-                    # Between two reads of the response, like httpx's read timeout.
-                    sock_read=timeout,
+            client = httpx.AsyncClient(
+                timeout=httpx.Timeout(
+                    timeout,
+                    connect=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
+                    pool=timeout,
                 ),
+                transport=AiohttpTransport(max_connections=512),
+                follow_redirects=False,
                 trust_env=False,
-                raise_for_status=False,
             )
             self._clients[loop_id] = client
         return client
@@ -65,20 +54,15 @@ class SharedClient:
     async def aclose(self) -> None:
         clients, self._clients = self._clients, {}
         for client in clients.values():
-            await client.close()
+            await client.aclose()
 
 
 shared_client = SharedClient()
 
 
-@dataclass(frozen=True)
-class UpstreamRequest:
-    url: str
-    headers: dict[str, str]
-    content: bytes
-
-
-def upstream_request(request, route: Route, kind: str, body: dict) -> UpstreamRequest:
+def upstream_request(
+    client: httpx.AsyncClient, request, route: Route, kind: str, body: dict
+) -> httpx.Request:
     headers = {"content-type": "application/json"}
     for name in FORWARDED_REQUEST_HEADERS:
         value = request.headers.get(name)
@@ -89,13 +73,8 @@ def upstream_request(request, route: Route, kind: str, body: dict) -> UpstreamRe
         if kind == RequestKind.MESSAGES:
             headers["x-api-key"] = route.api_key
     content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return UpstreamRequest(route.base_url + UPSTREAM_PATHS[kind], headers, content)
-
-
-async def send_upstream(outgoing: UpstreamRequest) -> aiohttp.ClientResponse:
-    """POST to the partner; returns once the response headers arrived (body not read)."""
-    return await shared_client.get().post(
-        outgoing.url, data=outgoing.content, headers=outgoing.headers, allow_redirects=False
+    return client.build_request(
+        "POST", route.base_url + UPSTREAM_PATHS[kind], headers=headers, content=content
     )
 
 
@@ -108,16 +87,13 @@ async def fetch_default_models() -> list[str]:
     if settings.GATEWAY_DEFAULT_UPSTREAM_API_KEY:
         headers["authorization"] = f"Bearer {settings.GATEWAY_DEFAULT_UPSTREAM_API_KEY}"
     try:
-        async with shared_client.get().get(
-            base_url + "/models", headers=headers, allow_redirects=False
-        ) as response:
-            response.raise_for_status()
-            listing = await response.json(content_type=None)
+        response = await shared_client.get().get(base_url + "/models", headers=headers)
+        response.raise_for_status()
         return [
             str(item["id"])
-            for item in listing.get("data", [])
+            for item in response.json().get("data", [])
             if isinstance(item, dict) and isinstance(item.get("id"), str)
         ]
-    except (*UpstreamConnectionError, TimeoutError, ValueError, AttributeError) as exc:
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
         logger.warning("default upstream model list unavailable (%s)", type(exc).__name__)
         return []

@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-import aiohttp
+import httpx
 from asgiref.sync import sync_to_async
 from django.db import connection
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
@@ -29,12 +29,7 @@ from gateway.routing import Route, RoutingUnavailable, router
 from gateway.streaming import EventRewriter, MalformedEvent, error_event, sse_events
 from gateway.subjects import allocation_subject
 from gateway.transforms import transform_body
-from gateway.upstream_client import (
-    UpstreamConnectionError,
-    fetch_default_models,
-    send_upstream,
-    upstream_request,
-)
+from gateway.upstream_client import fetch_default_models, shared_client, upstream_request
 from gateway.usage import Attribution, UsageRecord, writer
 
 MAX_CLIENT_REQUEST_ID_LENGTH = 512
@@ -185,17 +180,17 @@ async def proxy(request, kind: str) -> HttpResponse:
 async def call_upstream(request, exchange: Exchange, route: Route, kind: str) -> HttpResponse:
     blinder = Blinder(route.public_model_id, route.internal_id, route.upstream_texts)
     exchange.tokens = blinder.usage
-    outgoing = upstream_request(request, route, kind, exchange.upstream_body)
+    client = shared_client.get()
+    outgoing = upstream_request(client, request, route, kind, exchange.upstream_body)
     try:
-        upstream = await send_upstream(outgoing)
-    except TimeoutError:
+        upstream = await client.send(outgoing, stream=True)
+    except httpx.TimeoutException:
         raise errors.upstream_timeout() from None
-    except UpstreamConnectionError:
+    except httpx.HTTPError:
         raise errors.upstream_unreachable() from None
 
-    status = upstream.status
     is_event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
-    if status < 400 and is_event_stream:
+    if upstream.status_code < 400 and is_event_stream:
         exchange.first_byte()
         return StreamingHttpResponse(
             relay(exchange, upstream, EventRewriter(blinder), kind),
@@ -203,20 +198,19 @@ async def call_upstream(request, exchange: Exchange, route: Route, kind: str) ->
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
     try:
-        raw = await upstream.read()
-    except TimeoutError:
+        raw = await upstream.aread()
+    except httpx.TimeoutException:
         raise errors.upstream_timeout() from None
-    except UpstreamConnectionError:
+    except httpx.HTTPError:
         raise errors.upstream_unreachable() from None
     finally:
-        # Back to the pool when the body was read whole, closed otherwise.
-        upstream.release()
+        await upstream.aclose()
     exchange.first_byte()
-    if status >= 400:
-        exchange.failed(status, f"upstream_http_{status}")
+    if upstream.status_code >= 400:
+        exchange.failed(upstream.status_code, f"upstream_http_{upstream.status_code}")
         response = HttpResponse(
-            blinder.error_body(raw, status),
-            status=status,
+            blinder.error_body(raw, upstream.status_code),
+            status=upstream.status_code,
             content_type="application/json",
         )
     else:
@@ -224,21 +218,21 @@ async def call_upstream(request, exchange: Exchange, route: Route, kind: str) ->
             content = blinder.body(raw)
         except (ValueError, UnicodeDecodeError):
             raise errors.upstream_malformed() from None
-        response = HttpResponse(content, status=status, content_type="application/json")
+        response = HttpResponse(
+            content, status=upstream.status_code, content_type="application/json"
+        )
     for name, value in client_headers(upstream.headers).items():
         response[name] = value
     return response
 
 
-async def relay(
-    exchange: Exchange, upstream: aiohttp.ClientResponse, rewriter: EventRewriter, kind: str
-):
+async def relay(exchange: Exchange, upstream: httpx.Response, rewriter: EventRewriter, kind: str):
     """Relay events as they arrive; end with an error event if the upstream fails mid-way."""
     completed = False
     try:
         fault: GatewayError | None = None
         try:
-            async for raw in sse_events(upstream.content.iter_any()):
+            async for raw in sse_events(upstream.aiter_bytes()):
                 yield rewriter.event(raw)
             if not rewriter.finished:
                 fault = GatewayError(
@@ -249,9 +243,9 @@ async def relay(
                 )
         except MalformedEvent:
             fault = errors.upstream_malformed()
-        except TimeoutError:
+        except httpx.TimeoutException:
             fault = errors.upstream_timeout()
-        except UpstreamConnectionError:
+        except httpx.HTTPError:
             fault = GatewayError(
                 502,
                 "The model provider ended the stream early.",
@@ -273,10 +267,7 @@ async def relay(
             exchange.failed(CLIENT_CLOSED_REQUEST, "client_disconnected")
         # Closing a broken connection can fail; there is nothing more to learn from it.
         with contextlib.suppress(Exception):
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()
+            await upstream.aclose()
         exchange.record()
 
 
