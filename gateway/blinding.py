@@ -15,6 +15,8 @@ from typing import Any
 #: Upstream response headers a client may see. Content type is set by us.
 FORWARDED_RESPONSE_HEADERS = ("retry-after",)
 SCRUBBED = "upstream"
+#: Response fields that fingerprint the serving backend and so could tell variants apart.
+FINGERPRINT_FIELDS = ("system_fingerprint",)
 
 
 def dumps(value: Any) -> str:
@@ -62,16 +64,22 @@ class Blinder:
     def rewrite(self, value: Any) -> Any:
         """Rewrite ``model`` fields in a response object and collect its usage."""
         if isinstance(value, dict):
-            if "model" in value:
-                value["model"] = self.public_model_id
+            self._blind_fields(value)
             self.usage.absorb(value.get("usage"))
             for nested in ("message", "response"):
                 inner = value.get(nested)
                 if isinstance(inner, dict):
-                    if "model" in inner:
-                        inner["model"] = self.public_model_id
+                    self._blind_fields(inner)
                     self.usage.absorb(inner.get("usage"))
         return value
+
+    def _blind_fields(self, value: dict[str, Any]) -> None:
+        if "model" in value:
+            value["model"] = self.public_model_id
+        for name in FINGERPRINT_FIELDS:
+            if name in value:
+                # Kept as null: the field stays where SDKs expect it.
+                value[name] = None
 
     def body(self, raw: bytes) -> bytes:
         """A blinded non-streaming JSON body; raises ValueError if it is not JSON."""

@@ -80,6 +80,15 @@ def unavailable(message: str, *, error_kind: str) -> GatewayError:
     )
 
 
+def internal_error() -> GatewayError:
+    return GatewayError(
+        500,
+        "The gateway failed to handle this request.",
+        error_type="server_error",
+        code="internal_error",
+    )
+
+
 def routing_unavailable() -> GatewayError:
     return unavailable(
         "Routing is temporarily unavailable; retry shortly.", error_kind="routing_unavailable"

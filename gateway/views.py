@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ from gateway.subjects import allocation_subject
 from gateway.transforms import transform_body
 from gateway.upstream_client import fetch_default_models, shared_client, upstream_request
 from gateway.usage import Attribution, UsageRecord, writer
+
+logger = logging.getLogger(__name__)
 
 MAX_CLIENT_REQUEST_ID_LENGTH = 512
 #: Status recorded when the client went away before the response completed (nginx's 499).
@@ -171,6 +174,13 @@ async def proxy(request, kind: str) -> HttpResponse:
     except asyncio.CancelledError:
         exchange.failed(CLIENT_CLOSED_REQUEST, "client_disconnected")
         raise
+    except Exception as exc:
+        # Never let Django render an unexpected failure: a debug page or traceback could
+        # show request internals (the partner key lives in this frame's callees).
+        logger.error("gateway request failed unexpectedly (%s)", type(exc).__name__)
+        fault = errors.internal_error()
+        exchange.failed(fault.status, fault.error_kind)
+        return fault.response()
     finally:
         # A streaming response records itself when its stream ends.
         if not streaming:

@@ -73,3 +73,25 @@ def test_done_marks_the_openai_stream_finished():
     rewriter = _rewriter()
     assert rewriter.event(b"data: [DONE]") == b"data: [DONE]\n\n"
     assert rewriter.finished
+
+
+def test_system_fingerprint_is_nulled_in_chat_chunks_and_responses_events():
+    rewriter = _rewriter()
+    chunk = rewriter.event(
+        b'data: {"object":"chat.completion.chunk","model":"secret-rc",'
+        b'"system_fingerprint":"fp_rc2_cluster_b","choices":[]}'
+    )
+    assert b"fp_rc2_cluster_b" not in chunk
+    assert json.loads(chunk.decode().split("data: ")[1])["system_fingerprint"] is None
+    done = rewriter.event(
+        b'data: {"type":"response.completed","response":{"model":"secret-rc",'
+        b'"system_fingerprint":"fp_rc2_cluster_b"}}'
+    )
+    assert b"fp_rc2_cluster_b" not in done
+
+
+def test_system_fingerprint_is_nulled_in_a_non_streaming_body():
+    body = _rewriter().blinder.body(
+        b'{"model":"secret-rc","system_fingerprint":"fp_rc2_cluster_b","choices":[]}'
+    )
+    assert json.loads(body) == {"model": "kilo/pub", "system_fingerprint": None, "choices": []}
