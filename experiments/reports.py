@@ -26,7 +26,6 @@ from django.db.models import (
     Aggregate,
     Avg,
     Count,
-    F,
     FloatField,
     Func,
     IntegerField,
@@ -36,7 +35,6 @@ from django.db.models import (
     Sum,
     Variance,
 )
-from django.db.models.functions import Collate
 from django.utils import timezone
 
 from experiments.models import (
@@ -111,19 +109,31 @@ def parse_moment(raw: str, *, name: str) -> datetime:
 # --- aggregates ---------------------------------------------------------------
 
 
-class PercentileCont(Aggregate):
-    """PostgreSQL ``percentile_cont(fraction) WITHIN GROUP (ORDER BY expr)``."""
+class PercentilesCont(Aggregate):
+    """PostgreSQL ``percentile_cont(ARRAY[f, ...]) WITHIN GROUP (ORDER BY expr)``.
+
+    Several fractions from one sort: asking for p50 and p95 separately sorts the
+    same values twice.
+    """
 
     function = "percentile_cont"
-    name = "PercentileCont"
-    output_field = FloatField()
-    template = "%(function)s(%(fraction)s) WITHIN GROUP (ORDER BY %(expressions)s)"
+    name = "PercentilesCont"
+    template = (
+        "%(function)s(ARRAY[%(fractions)s]::float8[]) WITHIN GROUP (ORDER BY %(expressions)s)"
+    )
     allow_distinct = False
 
-    def __init__(self, expression, fraction: float, **extra):
-        if not 0.0 <= float(fraction) <= 1.0:
-            raise ValueError("fraction must be within [0, 1]")
-        super().__init__(expression, fraction=float(fraction), **extra)
+    def __init__(self, expression, fractions: tuple[float, ...], **extra):
+        if not fractions or not all(0.0 <= float(f) <= 1.0 for f in fractions):
+            raise ValueError("fractions must be within [0, 1]")
+        from django.contrib.postgres.fields import ArrayField
+
+        super().__init__(
+            expression,
+            fractions=", ".join(repr(float(f)) for f in fractions),
+            output_field=ArrayField(FloatField()),
+            **extra,
+        )
 
     def as_sql(self, compiler, connection, **extra_context):
         if connection.vendor != "postgresql":
@@ -323,33 +333,28 @@ def _attributed(version_ids, filters: ReportFilters):
     return ExperimentRequest.objects.filter(filters.q(), variant_version_id__in=version_ids)
 
 
-def _bytewise(column: str):
-    """DISTINCT over hex hashes and ids needs no linguistic collation; "C" sorts ~2x faster."""
-    return Collate(column, "C") if connection.vendor == "postgresql" else F(column)
-
-
 def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: ReportFilters) -> None:
+    """Counts, sums, means and percentiles per checkpoint: one scan of the covering index.
+
+    The measures are the usage row's, copied onto the attribution row by the
+    gateway writer, so no join with gateway_usage is needed.
+    """
     on_postgres = connection.vendor == "postgresql"
     aggregates = {
         "requests": Count("usage_id"),
-        "distinct_subjects": Count(_bytewise("allocation_subject_hash"), distinct=True),
-        "distinct_users": Count("usage__user_id", distinct=True),
-        "distinct_messages": Count(_bytewise("client_request_id"), distinct=True),
-        "errors": Count("usage_id", filter=Q(usage__has_error=True)),
-        "input_tokens": Sum("usage__input_tokens"),
-        "output_tokens": Sum("usage__output_tokens"),
-        "total_mean": Avg("usage__total_ms"),
-        "total_variance": Variance("usage__total_ms", sample=True),
-        "total_samples": Count("usage__total_ms"),
+        "errors": Count("usage_id", filter=Q(has_error=True)),
+        "input_tokens": Sum("input_tokens"),
+        "output_tokens": Sum("output_tokens"),
+        "total_mean": Avg("total_ms"),
+        "total_variance": Variance("total_ms", sample=True),
+        "total_samples": Count("total_ms"),
         "first_request_at": Min("created_at"),
         "last_request_at": Max("created_at"),
     }
     if on_postgres:
         aggregates |= {
-            "ttfb_p50": PercentileCont("usage__ttfb_ms", 0.5),
-            "ttfb_p95": PercentileCont("usage__ttfb_ms", 0.95),
-            "total_p50": PercentileCont("usage__total_ms", 0.5),
-            "total_p95": PercentileCont("usage__total_ms", 0.95),
+            "ttfb_percentiles": PercentilesCont("ttfb_ms", (0.5, 0.95)),
+            "total_percentiles": PercentilesCont("total_ms", (0.5, 0.95)),
         }
     rows = (
         _attributed(list(checkpoints), filters)
@@ -359,6 +364,10 @@ def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: Report
     )
     for row in rows:
         stats = checkpoints[row.pop("variant_version_id")]
+        ttfb = row.pop("ttfb_percentiles", None) or (None, None)
+        total = row.pop("total_percentiles", None) or (None, None)
+        stats.ttfb_p50, stats.ttfb_p95 = ttfb
+        stats.total_p50, stats.total_p95 = total
         for name, value in row.items():
             setattr(stats, name, value)
         stats.input_tokens = stats.input_tokens or 0
@@ -374,7 +383,7 @@ def _fill_percentiles_in_python(
     ttfb: dict[uuid.UUID, list[int]] = defaultdict(list)
     total: dict[uuid.UUID, list[int]] = defaultdict(list)
     for version_id, ttfb_ms, total_ms in _attributed(list(checkpoints), filters).values_list(
-        "variant_version_id", "usage__ttfb_ms", "usage__total_ms"
+        "variant_version_id", "ttfb_ms", "total_ms"
     ):
         if ttfb_ms is not None:
             ttfb[version_id].append(ttfb_ms)
@@ -387,21 +396,83 @@ def _fill_percentiles_in_python(
         stats.total_p95 = percentile_linear(total[version_id], 0.95)
 
 
-def _fill_slot_subjects(slots: list[SlotStats], filters: ReportFilters) -> None:
-    """Distinct subjects per slot: a subject seen before and after a hot-swap counts once."""
-    slot_of_version = {c.version_id: slot.slot_id for slot in slots for c in slot.checkpoints}
-    counts = dict(
-        _attributed(list(slot_of_version), filters)
-        .exclude(allocation_subject_hash__isnull=True)
+def _distinct_pairs_sql(queryset, column: str, *, count_user_rows: bool) -> tuple[str, tuple]:
+    """SQL for the distinct (checkpoint, column) pairs of ``queryset``.
+
+    GROUP BY over the (variant_version, column) index reads the pairs in order,
+    so counting them afterwards needs neither a sort nor a hash table of a
+    million rows (count(DISTINCT) sorts inside the aggregate).
+    """
+    inner = (
+        queryset.filter(**{f"{column}__isnull": False})
         .order_by()
-        .values("variant_version__variant_id")
-        .annotate(subjects=Count(_bytewise("allocation_subject_hash"), distinct=True))
-        .values_list("variant_version__variant_id", "subjects")
+        .values("variant_version_id", column)
     )
-    total = sum(counts.values())
+    if count_user_rows:
+        inner = inner.annotate(
+            user_rows=Count("usage_id", filter=Q(allocation_subject=AllocationSubject.USER))
+        )
+    else:
+        inner = inner.distinct()
+    return inner.query.sql_with_params()
+
+
+def _fill_subjects(slots: list[SlotStats], filters: ReportFilters) -> None:
+    """Distinct subjects and users per checkpoint, distinct subjects per slot.
+
+    A subject seen before and after a hot-swap counts once for its slot. A user
+    subject's pseudonym is a function of the user id alone (SPEC §7 seed), so
+    distinct user subjects are distinct users, without storing the user id.
+    """
+    checkpoints = {c.version_id: c for slot in slots for c in slot.checkpoints}
+    pairs_sql, params = _distinct_pairs_sql(
+        _attributed(list(checkpoints), filters), "allocation_subject_hash", count_user_rows=True
+    )
+    version_table = VariantVersion._meta.db_table
+    # PostgreSQL computes the pairs once for both levels (a CTE read twice).
+    materialized = "MATERIALIZED " if connection.vendor == "postgresql" else ""
+    # Interpolated: Django-compiled SQL (values stay in ``params``) and a table name.
+    sql = f"""
+        WITH pairs AS {materialized}({pairs_sql})
+        SELECT 'version', variant_version_id, COUNT(*),
+               SUM(CASE WHEN user_rows > 0 THEN 1 ELSE 0 END)
+        FROM pairs GROUP BY variant_version_id
+        UNION ALL
+        SELECT 'slot', v.variant_id, COUNT(DISTINCT pairs.allocation_subject_hash), 0
+        FROM pairs JOIN {version_table} v ON v.id = pairs.variant_version_id
+        GROUP BY v.variant_id
+    """  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    slot_counts: dict[uuid.UUID, int] = {}
+    for level, key, subjects, users in rows:
+        key = key if isinstance(key, uuid.UUID) else uuid.UUID(str(key))
+        if level == "version":
+            checkpoints[key].distinct_subjects = subjects
+            checkpoints[key].distinct_users = int(users or 0)
+        else:
+            slot_counts[key] = subjects
+    total = sum(slot_counts.values())
     for slot in slots:
-        slot.distinct_subjects = counts.get(slot.slot_id, 0)
+        slot.distinct_subjects = slot_counts.get(slot.slot_id, 0)
         slot.observed_share = slot.distinct_subjects / total if total else None
+
+
+def _fill_messages(checkpoints: dict[uuid.UUID, CheckpointStats], filters: ReportFilters) -> None:
+    """Distinct client request ids (messages) per checkpoint."""
+    pairs_sql, params = _distinct_pairs_sql(
+        _attributed(list(checkpoints), filters), "client_request_id", count_user_rows=False
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT variant_version_id, COUNT(*) FROM ({pairs_sql}) pairs "  # noqa: S608
+            "GROUP BY variant_version_id",
+            params,
+        )
+        for key, messages in cursor.fetchall():
+            key = key if isinstance(key, uuid.UUID) else uuid.UUID(str(key))
+            checkpoints[key].distinct_messages = messages
 
 
 def sample_ratio_check(slots: list[SlotStats]) -> SrmResult:
@@ -540,7 +611,8 @@ def experiment_report(
     by_version = {c.version_id: c for slot in slots for c in slot.checkpoints}
     if by_version:
         _fill_figures(by_version, filters)
-        _fill_slot_subjects(slots, filters)
+        _fill_subjects(slots, filters)
+        _fill_messages(by_version, filters)
     checkpoints = list(by_version.values())
     served = [c for c in checkpoints if c.requests]
     comparisons = [compare(a, b) for a, b in combinations(served, 2)]
@@ -598,12 +670,12 @@ _BROWSER_COLUMNS = (
     "request_kind",
     "request_body_sha256",
     "was_truncated",
-    "usage__status_code",
-    "usage__has_error",
-    "usage__input_tokens",
-    "usage__output_tokens",
-    "usage__ttfb_ms",
-    "usage__total_ms",
+    "status_code",
+    "has_error",
+    "input_tokens",
+    "output_tokens",
+    "ttfb_ms",
+    "total_ms",
 )
 
 
@@ -630,11 +702,11 @@ class BrowserFilters:
         if self.subject_kind:
             condition &= Q(allocation_subject=self.subject_kind)
         if self.status == "ok":
-            condition &= Q(usage__has_error=False)
+            condition &= Q(has_error=False)
         elif self.status == "error":
-            condition &= Q(usage__has_error=True)
+            condition &= Q(has_error=True)
         elif self.status:
-            condition &= Q(usage__status_code=int(self.status))
+            condition &= Q(status_code=int(self.status))
         if self.client_request_id:
             condition &= Q(client_request_id=self.client_request_id)
         return condition
@@ -713,12 +785,12 @@ def _to_row(values: dict, labels: dict) -> RequestRow:
         request_kind=values["request_kind"],
         request_body_sha256=values["request_body_sha256"],
         was_truncated=values["was_truncated"],
-        status_code=values["usage__status_code"],
-        has_error=values["usage__has_error"],
-        input_tokens=values["usage__input_tokens"],
-        output_tokens=values["usage__output_tokens"],
-        ttfb_ms=values["usage__ttfb_ms"],
-        total_ms=values["usage__total_ms"],
+        status_code=values["status_code"],
+        has_error=values["has_error"],
+        input_tokens=values["input_tokens"],
+        output_tokens=values["output_tokens"],
+        ttfb_ms=values["ttfb_ms"],
+        total_ms=values["total_ms"],
     )
 
 
