@@ -35,9 +35,29 @@ WHERE u.id = r.usage_id AND vv.id = r.variant_version_id AND v.id = vv.variant_i
 """.format(copies=", ".join(f"{name} = u.{name}" for name in MEASURES))
 
 
+def _fire_deferred_checks(schema_editor):
+    """Run the deferred foreign-key checks the UPDATE queued, now.
+
+    PostgreSQL refuses to ALTER or index a table with pending trigger events in
+    the same transaction, and this migration does both after updating rows.
+    """
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+
+def shorten_hex_hashes(apps, schema_editor):
+    """64 hex chars -> their first 32, which both backends read as a uuid."""
+    schema_editor.execute(
+        "UPDATE model_experiment_request SET allocation_subject_hash = "
+        "substr(allocation_subject_hash, 1, 32) WHERE allocation_subject_hash IS NOT NULL"
+    )
+    _fire_deferred_checks(schema_editor)
+
+
 def backfill(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
         schema_editor.execute(BACKFILL_POSTGRES)
+        _fire_deferred_checks(schema_editor)
         return
     ExperimentRequest = apps.get_model("experiments", "ExperimentRequest")
     rows = ExperimentRequest.objects.select_related("usage", "variant_version__variant")
@@ -63,12 +83,7 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        # 64 hex chars -> their first 32, which both backends read as a uuid.
-        migrations.RunSQL(
-            "UPDATE model_experiment_request SET allocation_subject_hash = "
-            "substr(allocation_subject_hash, 1, 32) WHERE allocation_subject_hash IS NOT NULL",
-            migrations.RunSQL.noop,
-        ),
+        migrations.RunPython(shorten_hex_hashes, migrations.RunPython.noop),
         migrations.AlterField(
             model_name="experimentrequest",
             name="allocation_subject_hash",
