@@ -1,5 +1,10 @@
 """ASGI entry point: ``uvicorn config.asgi:application``.
 
+Two Django handlers over the same URLconf: the gateway endpoints (``/v1/...``,
+``/healthz``, ``/readyz``) go to ``GatewayASGIHandler``, which skips the admin's
+session/auth/CSRF/messages middleware (see config/gateway_handler.py for why);
+everything else goes to Django's usual handler with the full ``settings.MIDDLEWARE``.
+
 Django does not speak the ASGI lifespan protocol, so a small wrapper answers it:
 on shutdown it flushes pending usage writes and closes the shared upstream and
 Redis clients, so a graceful stop loses no usage row.
@@ -13,7 +18,10 @@ from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
+# get_asgi_application() runs django.setup(); the gateway handler is built after it.
 django_application = get_asgi_application()
+
+from config.gateway_handler import GatewayASGIHandler, is_gateway_path  # noqa: E402
 
 logger = logging.getLogger("gateway.lifespan")
 
@@ -47,8 +55,19 @@ async def lifespan(receive, send) -> None:
             return
 
 
-async def application(scope, receive, send):
-    if scope["type"] == "lifespan":
-        await lifespan(receive, send)
-    else:
-        await django_application(scope, receive, send)
+def build_application(admin_handler, gateway_handler):
+    """The ASGI callable: lifespan, then dispatch by path to one of the two handlers."""
+
+    async def application(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+        elif scope["type"] == "http" and is_gateway_path(scope):
+            await gateway_handler(scope, receive, send)
+        else:
+            await admin_handler(scope, receive, send)
+
+    return application
+
+
+gateway_application = GatewayASGIHandler()
+application = build_application(django_application, gateway_application)

@@ -11,6 +11,7 @@ from django.conf import settings
 
 from experiments.models import RequestKind
 from gateway.routing import Route
+from gateway.upstream_transport import AiohttpTransport
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,10 @@ FORWARDED_REQUEST_HEADERS = ("accept", "anthropic-version", "anthropic-beta")
 
 
 class SharedClient:
-    """One ``httpx.AsyncClient`` per event loop (uvicorn runs one loop per worker)."""
+    """One ``httpx.AsyncClient`` per event loop (uvicorn runs one loop per worker).
+
+    Its transport pools connections with aiohttp (see ``upstream_transport`` for why).
+    """
 
     def __init__(self) -> None:
         self._clients: dict[int, httpx.AsyncClient] = {}
@@ -40,7 +44,7 @@ class SharedClient:
                     connect=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
                     pool=timeout,
                 ),
-                limits=httpx.Limits(max_connections=512, max_keepalive_connections=256),
+                transport=AiohttpTransport(max_connections=512),
                 follow_redirects=False,
                 trust_env=False,
             )

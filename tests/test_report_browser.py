@@ -4,42 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from experiments.models import ExperimentRequest
 from gateway.prompt_store import get_prompt_store
+from tests.browser import chromium_page, screenshot
 from tests.factories import SuperUserFactory
 from tests.report_seed import seed_experiment
 
 os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-
 
 @pytest.fixture
 def page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"),
-            args=CHROMIUM_ARGS,
-        )
-        context = browser.new_context(viewport={"width": 1360, "height": 1000})
-        yield context.new_page()
-        context.close()
-        browser.close()
+    with chromium_page(width=1360) as browser_page:
+        yield browser_page
 
 
 @pytest.mark.browser
@@ -48,7 +28,6 @@ def test_staff_reads_stats_browses_requests_and_inflates_a_prompt(
     page, live_server, settings, tmp_path
 ):
     settings.PROMPT_STORE_DIR = tmp_path / "prompts"
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     seeded = seed_experiment(subjects=120, requests=900, share_of_slot_a=0.7)
     newest = max(seeded.requests, key=lambda r: (r.created_at, r.usage_id))
     body = {
@@ -72,11 +51,11 @@ def test_staff_reads_stats_browses_requests_and_inflates_a_prompt(
     assert page.locator("svg.mx-chart polyline.mx-series").count() == 3
     assert page.locator("svg.mx-chart line.mx-handover").count() == 1
     assert page.locator("#srm-warning").is_visible()
-    page.screenshot(path=str(SCREENSHOTS / "reports-stats.png"), full_page=True)
+    screenshot(page, "reports-stats")
 
     page.click("nav.mx-nav >> text=Requests")
     assert page.locator("#request-list tbody tr").count() == 50
-    page.screenshot(path=str(SCREENSHOTS / "reports-requests.png"), full_page=True)
+    screenshot(page, "reports-requests")
     page.click("#next-page")
     assert page.locator("#request-list tbody tr").count() == 50
 
@@ -84,4 +63,4 @@ def test_staff_reads_stats_browses_requests_and_inflates_a_prompt(
     page.locator("#request-list tbody tr").first.locator("td").nth(2).click()
     page.wait_for_selector("#prompt-messages")
     assert "Summarise the checkpoint comparison." in page.inner_text("#prompt-messages")
-    page.screenshot(path=str(SCREENSHOTS / "reports-request-detail.png"), full_page=True)
+    screenshot(page, "reports-request-detail")
