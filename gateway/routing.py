@@ -26,7 +26,7 @@ from django.conf import settings
 from django.core.cache import cache
 
 from experiments import crypto, routing_cache
-from experiments.models import ExperimentStatus
+from experiments.models import ExperimentStatus, subject_hash_of_digest
 from gateway.errors import GatewayError, model_not_found, routing_unavailable, unavailable
 from gateway.subjects import Subject
 
@@ -48,26 +48,45 @@ def allocation_seed(experiment_id: str, subject_kind: str, subject_value: str) -
     return f"model_exp_{str(experiment_id).lower()}_{subject_kind}_{subject_value}"
 
 
+def seed_digest(seed: str) -> bytes:
+    return hashlib.sha256(seed.encode("utf-8")).digest()
+
+
 def bucket_of(seed: str, total_weight: int) -> int:
-    digest = hashlib.sha256(seed.encode("utf-8")).digest()
+    return _bucket_of_digest(seed_digest(seed), total_weight)
+
+
+def _bucket_of_digest(digest: bytes, total_weight: int) -> int:
     return int.from_bytes(digest[:4], "big") % total_weight
+
+
+def pick_variant_and_digest(
+    variants: list[dict[str, Any]], experiment_id: str, subject: Subject
+) -> tuple[dict[str, Any], bytes]:
+    """The variant for this subject, and the SHA-256 of its seed.
+
+    Walk variants by id, first running total > bucket. The digest is returned so
+    attribution can store it (as the subject's pseudonym) without hashing twice.
+    """
+    ordered = sorted(variants, key=lambda v: uuid.UUID(str(v["id"])))
+    total = sum(int(v["weight"]) for v in ordered)
+    if total <= 0:
+        raise ValueError("no positive weight")
+    digest = seed_digest(allocation_seed(experiment_id, subject.kind, subject.value))
+    bucket = _bucket_of_digest(digest, total)
+    running = 0
+    for variant in ordered:
+        running += int(variant["weight"])
+        if running > bucket:
+            return variant, digest
+    raise AssertionError("unreachable: bucket < total weight")
 
 
 def pick_variant(
     variants: list[dict[str, Any]], experiment_id: str, subject: Subject
 ) -> dict[str, Any]:
-    """The variant for this subject: walk variants by id, first running total > bucket."""
-    ordered = sorted(variants, key=lambda v: uuid.UUID(str(v["id"])))
-    total = sum(int(v["weight"]) for v in ordered)
-    if total <= 0:
-        raise ValueError("no positive weight")
-    bucket = bucket_of(allocation_seed(experiment_id, subject.kind, subject.value), total)
-    running = 0
-    for variant in ordered:
-        running += int(variant["weight"])
-        if running > bucket:
-            return variant
-    raise AssertionError("unreachable: bucket < total weight")
+    """The variant for this subject (see ``pick_variant_and_digest``)."""
+    return pick_variant_and_digest(variants, experiment_id, subject)[0]
 
 
 # --- the decision handed to the view ----------------------------------------------
@@ -84,6 +103,9 @@ class Route:
     #: Set only for experimented requests.
     version_id: str | None = None
     subject_kind: str | None = None
+    #: The subject's pseudonym in attribution rows: the first 16 bytes of the
+    #: SHA-256 of the bucketing seed, taken from the digest the picker computed.
+    subject_hash: uuid.UUID | None = None
 
     @property
     def is_experimented(self) -> bool:
@@ -340,7 +362,9 @@ class Router:
                 error_kind="no_subject",
             )
         try:
-            variant = pick_variant(payload["variants"], payload["experiment_id"], subject)
+            variant, digest = pick_variant_and_digest(
+                payload["variants"], payload["experiment_id"], subject
+            )
         except ValueError:
             raise unavailable(
                 "The model is temporarily unavailable.", error_kind="no_variant"
@@ -359,6 +383,7 @@ class Router:
             upstream=upstream,
             version_id=str(variant["version_id"]),
             subject_kind=subject.kind,
+            subject_hash=subject_hash_of_digest(digest),
         )
 
     async def callable_ids(self) -> list[str]:

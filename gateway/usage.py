@@ -20,7 +20,7 @@ from typing import Any
 
 from django.db import close_old_connections, transaction
 
-from experiments.models import ExperimentRequest
+from experiments.models import USAGE_MEASURES, ExperimentRequest
 from gateway.models import GatewayUsage
 from gateway.prompt_store import capture_prompt
 
@@ -38,6 +38,8 @@ class Attribution:
     version_id: str
     allocation_subject: str
     client_request_id: str | None
+    #: The subject's pseudonym (Route.subject_hash); never the subject itself.
+    allocation_subject_hash: uuid.UUID | None
     #: The transformed body sent upstream; hashed and stored by the writer.
     upstream_body: Any
 
@@ -86,11 +88,14 @@ def _rows(record: UsageRecord) -> tuple[GatewayUsage, ExperimentRequest | None]:
         usage_id=usage.id,
         variant_version_id=attribution.version_id,
         allocation_subject=attribution.allocation_subject,
+        allocation_subject_hash=attribution.allocation_subject_hash,
         client_request_id=attribution.client_request_id,
         request_kind=record.request_kind,
         request_body_sha256=sha256,
         was_truncated=truncated,
         created_at=record.created_at,
+        # Copies of the usage row's measures, inserted in the same transaction.
+        **{name: getattr(usage, name) for name in USAGE_MEASURES},
     )
     return usage, request
 

@@ -83,6 +83,7 @@ class Exchange:
             attribution = Attribution(
                 version_id=route.version_id,
                 allocation_subject=route.subject_kind,
+                allocation_subject_hash=route.subject_hash,
                 client_request_id=self.client_request_id,
                 upstream_body=self.upstream_body,
             )

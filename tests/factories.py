@@ -130,3 +130,11 @@ class ExperimentRequestFactory(factory.django.DjangoModelFactory):
     request_body_sha256 = factory.Sequence(lambda n: hashlib.sha256(str(n).encode()).hexdigest())
     was_truncated = False
     created_at = factory.LazyAttribute(lambda o: o.usage.created_at)
+    # The gateway writer copies the usage row's measures (USAGE_MEASURES).
+    status_code = factory.LazyAttribute(lambda o: o.usage.status_code)
+    has_error = factory.LazyAttribute(lambda o: o.usage.has_error)
+    is_stream = factory.LazyAttribute(lambda o: o.usage.is_stream)
+    input_tokens = factory.LazyAttribute(lambda o: o.usage.input_tokens)
+    output_tokens = factory.LazyAttribute(lambda o: o.usage.output_tokens)
+    ttfb_ms = factory.LazyAttribute(lambda o: o.usage.ttfb_ms)
+    total_ms = factory.LazyAttribute(lambda o: o.usage.total_ms)

@@ -93,17 +93,28 @@ def seed_experiment(
             api_key=api_key,
         ),
     }
-    # Plain rows: password hashing would dominate the test time.
-    users = [
-        user.pk
-        for user in get_user_model().objects.bulk_create(
-            [get_user_model()(username=f"subject-{uuid.uuid4().hex[:12]}") for _ in range(5)]
-        )
-    ]
     kinds = [AllocationSubject.USER, AllocationSubject.MACHINE, AllocationSubject.IP]
     in_slot_a = round(subjects * share_of_slot_a)
     subject_slot = ["slot-a" if index < in_slot_a else "slot-b" for index in range(subjects)]
     subject_kind = [kinds[index % 3] for index in range(subjects)]
+    # As the gateway allocates: a user subject is one user (so its pseudonym is
+    # a function of the user id), a machine subject a machine id, an ip one IP.
+    # Plain rows: password hashing would dominate the test time.
+    user_subjects = [i for i in range(subjects) if subject_kind[i] == AllocationSubject.USER]
+    created_users = get_user_model().objects.bulk_create(
+        [get_user_model()(username=f"subject-{uuid.uuid4().hex[:12]}") for _ in user_subjects]
+    )
+    user_of_subject = {i: user.pk for i, user in zip(user_subjects, created_users, strict=True)}
+    subject_value = {
+        i: str(user_of_subject[i])
+        if subject_kind[i] == AllocationSubject.USER
+        else (
+            f"machine-{i}"
+            if subject_kind[i] == AllocationSubject.MACHINE
+            else f"10.0.{i // 250}.{i % 250}"
+        )
+        for i in range(subjects)
+    }
     rows = []
     for index in range(requests):
         subject = index % subjects if index < subjects else rng.randrange(subjects)
@@ -124,8 +135,10 @@ def seed_experiment(
                 version_id=version.pk,
                 slot_label=slot,
                 subject_kind=kind,
-                subject_hash=hashlib.sha256(f"subject-{subject}".encode()).hexdigest(),
-                user_id=users[subject % 5] if kind == AllocationSubject.USER else None,
+                subject_hash=hashlib.sha256(
+                    f"model_exp_{experiment.pk}_{kind}_{subject_value[subject]}".encode()
+                ).hexdigest(),
+                user_id=user_of_subject.get(subject),
                 # Some retries share an id; some clients send none.
                 client_request_id=None if index % 10 == 0 else f"msg-{index // 2}",
                 has_error=has_error,
@@ -166,11 +179,20 @@ def insert_requests(rows: list[SeededRequest], *, public_model_id: str) -> None:
                 usage_id=row.usage_id,
                 variant_version_id=row.version_id,
                 allocation_subject=row.subject_kind,
-                allocation_subject_hash=row.subject_hash,
+                # Stored as the gateway stores it: the first 16 bytes, as a uuid.
+                allocation_subject_hash=uuid.UUID(row.subject_hash[:32]),
                 client_request_id=row.client_request_id,
                 request_kind="chat_completions",
                 request_body_sha256=row.body_sha256,
                 created_at=row.created_at,
+                # The writer's copies of the usage measures.
+                status_code=row.status_code,
+                has_error=row.has_error,
+                is_stream=False,
+                input_tokens=row.input_tokens,
+                output_tokens=row.output_tokens,
+                ttfb_ms=row.ttfb_ms,
+                total_ms=row.total_ms,
             )
             for row in rows
         ]

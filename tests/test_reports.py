@@ -8,6 +8,7 @@ import io
 import json
 import math
 import statistics
+import uuid
 from collections import defaultdict
 from datetime import timedelta
 
@@ -341,6 +342,8 @@ def test_export_carries_no_identifying_fields_nor_the_key(db, canary_key, fmt):
     forbidden = [canary_key, ciphertext["data"], ciphertext["iv"], ciphertext["authTag"]]
     forbidden += [r.client_request_id for r in seeded.requests if r.client_request_id]
     forbidden += [r.subject_hash for r in seeded.requests]
+    forbidden += [r.subject_hash[:32] for r in seeded.requests]  # the stored uuid, as hex
+    forbidden += [str(uuid.UUID(r.subject_hash[:32])) for r in seeded.requests]
     forbidden += [str(r.usage_id) for r in seeded.requests]
     assert not [value for value in forbidden if value in output]
     assert "user_id" not in output and "client_request_id" not in output
