@@ -67,6 +67,10 @@ class GatewayServer:
                 "--no-access-log",
                 "--timeout-graceful-shutdown",
                 "10",
+                # Longer than any stall of a loaded CI machine: with uvicorn's 5 s default
+                # an idle pooled connection can be closed just as a test client reuses it.
+                "--timeout-keep-alive",
+                "120",
             ],
             cwd=ROOT,
             env=env,
