@@ -36,7 +36,7 @@ async def _shutdown() -> None:
 
     await shared_client.aclose()
     await router.store.aclose()
-    flushed = await asyncio.to_thread(writer.flush, SHUTDOWN_FLUSH_SECONDS)
+    flushed = await asyncio.to_thread(writer.stop, SHUTDOWN_FLUSH_SECONDS)
     if not flushed:
         logger.error("shutdown: %d usage records were not written", writer.pending())
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections, connection, transaction
 
 from experiments.models import USAGE_MEASURES, ExperimentRequest
 from gateway.models import GatewayUsage
@@ -126,9 +126,13 @@ def _insert(pairs: list[tuple[GatewayUsage, ExperimentRequest | None]]) -> None:
             ExperimentRequest.objects.bulk_create(requests)
 
 
+#: Queued by ``UsageWriter.stop`` after the records: the writer closes its connection and ends.
+_STOP = object()
+
+
 class UsageWriter:
     def __init__(self) -> None:
-        self._queue: queue.Queue[UsageRecord] = queue.Queue()
+        self._queue: queue.Queue[UsageRecord | object] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -153,16 +157,27 @@ class UsageWriter:
     def _run(self) -> None:
         backlog = False
         while True:
-            batch = [self._queue.get()]
+            first = self._queue.get()
+            if first is _STOP:
+                connection.close()
+                self._queue.task_done()
+                return
+            batch = [first]
             if not backlog:
                 # Sleeping (rather than waiting on the queue) wakes this thread once per
                 # batch, not once per record.
                 time.sleep(BATCH_LINGER_SECONDS)
             while len(batch) < BATCH_SIZE:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if item is _STOP:
+                    # Handled on the next turn of the loop, after this batch.
+                    self._queue.task_done()
+                    self._queue.put(_STOP)
+                    break
+                batch.append(item)
             backlog = len(batch) == BATCH_SIZE
             try:
                 close_old_connections()
@@ -172,6 +187,19 @@ class UsageWriter:
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Write everything submitted, then close the writer's connection and end its thread.
+
+        The next ``submit`` starts a new thread. False if the writer did not finish in time.
+        """
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return True
+        deadline = time.monotonic() + timeout
+        self._queue.put(_STOP)
+        thread.join(max(deadline - time.monotonic(), 0))
+        return not thread.is_alive()
 
     def pending(self) -> int:
         return self._queue.unfinished_tasks

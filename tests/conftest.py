@@ -3,6 +3,7 @@ DATABASE_URL / REDIS_URL (SQLite and local memory when unset)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 
@@ -23,6 +24,21 @@ def _clean_cache():
     yield
     with contextlib.suppress(Exception):
         cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _release_background_connections():
+    """Leave no background thread holding a DB connection (it would block dropping the
+    test database): the in-process usage writer, and asgiref's shared thread that runs
+    sync_to_async code (async ORM, routing rebuilds) for tests driving async code."""
+    yield
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    from gateway.usage import writer
+
+    writer.stop(timeout=30)
+    asyncio.run(sync_to_async(connections.close_all)())
 
 
 @pytest.fixture
