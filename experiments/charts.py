@@ -38,6 +38,19 @@ def _tick_label(value: float) -> str:
     return f"{value:g}"
 
 
+def _plot_frame(left, top, plot_w, plot_h, ticks, y_at) -> list[str]:
+    """The plot area's background and its horizontal grid lines with y-axis labels."""
+    body = [f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa"/>']
+    for tick in ticks:
+        y = y_at(tick)
+        body.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e3e3"/>'
+            f'<text x="{left - 8}" y="{y + 4:.1f}" font-size="11" text-anchor="end" '
+            f'fill="#555">{_tick_label(tick)}</text>'
+        )
+    return body
+
+
 def _time_label(moment: datetime, span: timedelta) -> str:
     if span <= timedelta(days=1):
         return moment.strftime("%H:%M")
@@ -95,14 +108,7 @@ def requests_over_time(
     def y_at(value: float) -> float:
         return top + plot_h * (1 - value / y_top)
 
-    body = [f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa"/>']
-    for tick in ticks:
-        y = y_at(tick)
-        body.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e3e3"/>'
-            f'<text x="{left - 8}" y="{y + 4:.1f}" font-size="11" text-anchor="end" '
-            f'fill="#555">{_tick_label(tick)}</text>'
-        )
+    body = _plot_frame(left, top, plot_w, plot_h, ticks, y_at)
     label_every = max(1, len(buckets) // 8)
     for index, moment in enumerate(buckets):
         if index % label_every:
@@ -192,14 +198,7 @@ def latency_percentiles(checkpoints: list[CheckpointStats], *, width: int = 900)
     def y_at(value: float) -> float:
         return top + plot_h * (1 - value / y_top)
 
-    body = [f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa"/>']
-    for tick in ticks:
-        y = y_at(tick)
-        body.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e3e3"/>'
-            f'<text x="{left - 8}" y="{y + 4:.1f}" font-size="11" text-anchor="end" '
-            f'fill="#555">{_tick_label(tick)}</text>'
-        )
+    body = _plot_frame(left, top, plot_w, plot_h, ticks, y_at)
     group_w = plot_w / max(len(served), 1)
     bar_w = min(36.0, group_w * 0.8 / len(LATENCY_METRICS))
     for index, checkpoint in enumerate(served):
