@@ -8,7 +8,9 @@ Two kinds of keys, both through Django's cache (django-redis in production):
   workers know to drop their in-process payload copies.
 * ``payload_key(public_id)``: the routing payload of that id (variants in id
   order with weight, current version id, upstream JSON and the *ciphertext*;
-  never a plaintext key). Deleted on change and rebuilt on demand.
+  never a plaintext key), tagged with the generation it was built under.
+  Deleted on change and rebuilt on demand; a payload whose tag is not the
+  current generation is treated as absent.
 
 Writes happen in ``transaction.on_commit`` (see ``signals``), so a worker can
 never rebuild from a state that is about to roll back. A Redis failure is
@@ -126,11 +128,23 @@ def write_membership(ids: Iterable[str]) -> int:
     return generation
 
 
-def write_payload(public_model_id: str, payload: dict[str, Any] | None) -> None:
+def write_payload(
+    public_model_id: str, payload: dict[str, Any] | None, *, generation: int | str | None = None
+) -> None:
+    """Store a payload tagged with the membership generation it was built under.
+
+    Readers accept it only while that generation is current: a worker that rebuilt a
+    payload from the old state and writes it back after an invalidation cannot make
+    other workers route by it (they see the newer generation and rebuild).
+    """
     if payload is None:
         cache.delete(payload_key(public_model_id))
     else:
-        cache.set(payload_key(public_model_id), json.dumps(payload), timeout=PAYLOAD_TTL_SECONDS)
+        cache.set(
+            payload_key(public_model_id),
+            json.dumps({**payload, "generation": generation}),
+            timeout=PAYLOAD_TTL_SECONDS,
+        )
 
 
 #: Bound on re-writes when concurrent commits keep changing the set underneath us.
@@ -171,9 +185,9 @@ def refresh(public_model_ids: Iterable[str]) -> bool:
 def sync_all() -> dict[str, int]:
     """Rebuild membership and every routing payload from the database."""
     ids = build_membership()
-    for public_model_id in ids:
-        write_payload(public_model_id, build_payload(public_model_id))
     generation = write_membership(ids)
+    for public_model_id in ids:
+        write_payload(public_model_id, build_payload(public_model_id), generation=generation)
     return {"public_ids": len(ids), "generation": generation}
 
 

@@ -216,10 +216,13 @@ def _membership_from_database() -> tuple[str, frozenset[str]]:
     return generation, frozenset(ids)
 
 
-def _payload_from_database(public_model_id: str) -> dict[str, Any] | None:
+def _payload_from_database(public_model_id: str, generation: str) -> dict[str, Any] | None:
+    """Build from PostgreSQL (read after ``generation`` was learned) and write back tagged."""
     payload = routing_cache.build_payload(public_model_id)
     try:
-        routing_cache.write_payload(public_model_id, payload)
+        routing_cache.write_payload(
+            public_model_id, payload, generation=int(generation) if generation.isdigit() else None
+        )
     except Exception as exc:
         logger.warning("payload write-back failed (%s)", type(exc).__name__)
     return payload
@@ -297,12 +300,13 @@ class Router:
             raw = await self.store.get(routing_cache.payload_key(public_model_id))
             if raw is not None:
                 payload = json.loads(raw)
-                found = _valid_payload(payload)
+                # Built under another generation: possibly from a state since changed.
+                found = _valid_payload(payload) and str(payload.get("generation")) == generation
         except Exception as exc:
             logger.warning("payload read from cache failed (%s)", type(exc).__name__)
         if not found:
             try:
-                payload = await sync_to_async(_payload_from_database)(public_model_id)
+                payload = await sync_to_async(_payload_from_database)(public_model_id, generation)
             except Exception as exc:
                 logger.error("payload rebuild from database failed (%s)", type(exc).__name__)
                 raise RoutingUnavailable() from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -141,3 +142,25 @@ def test_payload_in_cache_never_holds_a_plaintext_key(active, canary_key):
     services.activate(experiment=exp)
     assert _resolve(Router(), exp.public_model_id).api_key == canary_key
     assert canary_key not in str(cache.get(routing_cache.payload_key(exp.public_model_id)))
+
+
+def test_stale_payload_written_back_after_an_invalidation_is_not_routed_by(active):
+    """A worker that rebuilt from the old state and writes back late cannot pin it."""
+    routing_cache.sync_all()
+    generation = json.loads(routing_cache.read_membership_raw())["generation"]
+    stale = routing_cache.build_payload(active.public_model_id)  # read before the swap
+    variant = active.variants.order_by("id").first()
+    swapped = services.hot_swap(
+        variant=variant, upstream={"internal_id": "rc-new", "base_url": "http://127.0.0.1:9/v1"}
+    )  # commits: payload deleted, generation bumped
+    routing_cache.write_payload(active.public_model_id, stale, generation=generation)
+
+    router = Router()
+    payload = asyncio.run(
+        router.payload(
+            active.public_model_id,
+            str(json.loads(routing_cache.read_membership_raw())["generation"]),
+        )
+    )
+    served = {slot["id"]: slot["version_id"] for slot in payload["variants"]}
+    assert served[str(variant.pk)] == str(swapped.pk)
