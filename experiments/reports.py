@@ -468,21 +468,20 @@ def _fill_latency(stats: CheckpointStats, filters: ReportFilters) -> None:
 def _counts_by_time_range(
     version_ids: list[uuid.UUID], bounds: list[datetime], filters: ReportFilters
 ) -> list[tuple]:
-    """PostgreSQL: requests, errors, tokens, first and last request per checkpoint
-    and time range, the ranges being ``[-infinity, *bounds, infinity]``.
+    """PostgreSQL: requests, errors and tokens per checkpoint and time range,
+    the ranges being ``[-infinity, *bounds, infinity]``.
 
     Each (checkpoint, range) is one range of the (variant_version, created_at)
     covering index aggregated in order: no sort and no hash table, unlike a
     GROUP BY over the bucket expression (~190 ms for 1M rows, this ~125 ms),
     and the per-checkpoint counts come from the same pass, so no other query
     reads every row for them. Rows ``(version_id, range number from 1,
-    requests, errors, input_tokens, output_tokens, first, last)``.
+    requests, errors, input_tokens, output_tokens)``.
     """
     conditions, params = _filter_sql(filters, "r")
     # Interpolated: a table name and fixed condition text (values stay in params).
     sql = f"""
-        SELECT v.id, t.n, a.requests, a.errors, a.input_tokens, a.output_tokens,
-               a.first_at, a.last_at
+        SELECT v.id, t.n, a.requests, a.errors, a.input_tokens, a.output_tokens
         FROM unnest(%s::uuid[]) AS v(id)
         CROSS JOIN (
             SELECT b.n, b.lo, lead(b.lo) OVER (ORDER BY b.n) AS hi
@@ -493,9 +492,7 @@ def _counts_by_time_range(
             SELECT COUNT(*) AS requests,
                    COUNT(*) FILTER (WHERE r.has_error) AS errors,
                    COALESCE(SUM(r.input_tokens), 0) AS input_tokens,
-                   COALESCE(SUM(r.output_tokens), 0) AS output_tokens,
-                   MIN(r.created_at) AS first_at,
-                   MAX(r.created_at) AS last_at
+                   COALESCE(SUM(r.output_tokens), 0) AS output_tokens
             FROM {ExperimentRequest._meta.db_table} r
             WHERE r.variant_version_id = v.id
               AND r.created_at >= t.lo AND r.created_at < t.hi
@@ -536,7 +533,22 @@ def _fill_subjects(slots: list[SlotStats], filters: ReportFilters) -> None:
     subject's pseudonym is a function of the user id alone (SPEC §7 seed), so
     distinct user subjects are distinct users, without storing the user id.
     """
-    checkpoints = {c.version_id: c for slot in slots for c in slot.checkpoints}
+    for slot in slots:
+        _fill_subjects_of_slot(slot, filters)
+    _fill_observed_shares(slots)
+
+
+def _fill_observed_shares(slots: list[SlotStats]) -> None:
+    total = sum(slot.distinct_subjects for slot in slots)
+    for slot in slots:
+        slot.observed_share = slot.distinct_subjects / total if total else None
+
+
+def _fill_subjects_of_slot(slot: SlotStats, filters: ReportFilters) -> None:
+    """``_fill_subjects`` for one slot: a report job (slots are disjoint)."""
+    checkpoints = {c.version_id: c for c in slot.checkpoints}
+    if not checkpoints:
+        return
     pairs_sql, params = _distinct_pairs_sql(
         _attributed(list(checkpoints), filters), "allocation_subject_hash", count_user_rows=True
     )
@@ -557,18 +569,13 @@ def _fill_subjects(slots: list[SlotStats], filters: ReportFilters) -> None:
     with _pairs_in_index_order(filters), connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
-    slot_counts: dict[uuid.UUID, int] = {}
     for level, key, subjects, users in rows:
         key = key if isinstance(key, uuid.UUID) else uuid.UUID(str(key))
         if level == "version":
             checkpoints[key].distinct_subjects = subjects
             checkpoints[key].distinct_users = int(users or 0)
         else:
-            slot_counts[key] = subjects
-    total = sum(slot_counts.values())
-    for slot in slots:
-        slot.distinct_subjects = slot_counts.get(slot.slot_id, 0)
-        slot.observed_share = slot.distinct_subjects / total if total else None
+            slot.distinct_subjects = subjects
 
 
 def _fill_messages(checkpoints: dict[uuid.UUID, CheckpointStats], filters: ReportFilters) -> None:
@@ -694,28 +701,28 @@ def bucket_seconds_for(span: timedelta) -> int:
 
 def _request_span(
     version_ids: list[uuid.UUID], filters: ReportFilters
-) -> tuple[list[datetime], list[datetime]]:
-    """First and last request time per checkpoint: an index lookup each.
+) -> dict[uuid.UUID, tuple[datetime, datetime]]:
+    """First and last request time per checkpoint that has any: an index lookup each.
 
     Asked separately, not taken from the figures query, so the time series does
     not wait for it (the report's queries run side by side).
     """
-    firsts, lasts = [], []
+    spans = {}
     for version_id in version_ids:
         span = _attributed([version_id], filters).aggregate(
             first=Min("created_at"), last=Max("created_at")
         )
         if span["first"] is not None:
-            firsts.append(span["first"])
-            lasts.append(span["last"])
-    return firsts, lasts
+            spans[version_id] = (span["first"], span["last"])
+    return spans
 
 
 def _bucket_starts(
-    checkpoints: list[CheckpointStats], filters: ReportFilters, now: datetime
+    spans: dict[uuid.UUID, tuple[datetime, datetime]], filters: ReportFilters, now: datetime
 ) -> tuple[int, list[int]]:
     """Bucket size and bucket starts (epoch seconds) the time series is drawn with."""
-    firsts, lasts = _request_span([c.version_id for c in checkpoints], filters)
+    firsts = [first for first, _ in spans.values()]
+    lasts = [last for _, last in spans.values()]
     # A chosen window is drawn whole (an empty stretch is information); "all"
     # spans the first to the last request.
     start = filters.since or (min(firsts) if firsts else now - timedelta(hours=1))
@@ -735,7 +742,8 @@ def _bucket_starts(
 def _timeseries(
     checkpoints: list[CheckpointStats], filters: ReportFilters, now: datetime
 ) -> TimeSeries:
-    size, starts = _bucket_starts(checkpoints, filters, now)
+    spans = _request_span([c.version_id for c in checkpoints], filters)
+    size, starts = _bucket_starts(spans, filters, now)
     index = {value: position for position, value in enumerate(starts)}
     counts = {c.version_id: [0] * len(starts) for c in checkpoints}
     rows = (
@@ -764,36 +772,25 @@ def _fill_counts_and_timeseries(
     checkpoint figures hold every row the filters select (a row written after
     ``now`` included), while the series shows its buckets only, as ``_timeseries``.
     """
-    size, starts = _bucket_starts(list(by_version.values()), filters, now)
+    spans = _request_span(list(by_version), filters)
+    size, starts = _bucket_starts(spans, filters, now)
     bounds = [datetime.fromtimestamp(value, tz=UTC) for value in [*starts, starts[-1] + size]]
     counts = {version_id: [0] * len(starts) for version_id in by_version}
-    firsts: dict[uuid.UUID, list[datetime]] = defaultdict(list)
-    lasts: dict[uuid.UUID, list[datetime]] = defaultdict(list)
-    for (
-        version_id,
-        number,
-        requests,
-        errors,
-        input_tokens,
-        output_tokens,
-        first,
-        last,
-    ) in _counts_by_time_range(list(by_version), bounds, filters):
+    rows = _counts_by_time_range(list(by_version), bounds, filters)
+    for version_id, number, requests, errors, input_tokens, output_tokens in rows:
         stats = by_version[version_id]
         stats.requests += requests
         stats.errors += errors
         stats.input_tokens += int(input_tokens)
         stats.output_tokens += int(output_tokens)
-        firsts[version_id].append(first)
-        lasts[version_id].append(last)
         # Range 1 is (-infinity, first bucket); ranges 2.. are the buckets.
         position = number - 2
         if 0 <= position < len(starts):
             counts[version_id][position] = requests
-    for version_id, stats in by_version.items():
-        if firsts[version_id]:
-            stats.first_request_at = min(firsts[version_id])
-            stats.last_request_at = max(lasts[version_id])
+    # The span lookups ran in this transaction too: same snapshot as the counts.
+    for version_id, (first, last) in spans.items():
+        by_version[version_id].first_request_at = first
+        by_version[version_id].last_request_at = last
     buckets = [datetime.fromtimestamp(value, tz=UTC) for value in starts]
     return TimeSeries(bucket_seconds=size, buckets=buckets, counts=counts)
 
@@ -926,12 +923,12 @@ def experiment_report(
     checkpoints = list(by_version.values())
     series: list[TimeSeries] = []
     if by_version and connection.vendor == "postgresql":
-        # Small jobs, heaviest per row first, so the connections finish close
-        # together (1M rows over three checkpoints, ms of one core: subjects
-        # ~200, counts and series ~120, latency ~110 per 500k rows, messages
-        # ~80 per 500k rows; bench/RESULTS.md).
+        # Small jobs (per slot or checkpoint), so the two connections finish
+        # close together. Bench, 1M rows, ms of one core: subjects ~100 per
+        # slot, counts and series ~120, latency ~110 and messages ~90 per
+        # 500k-row checkpoint (bench/RESULTS.md).
         jobs = [
-            lambda: _fill_subjects(slots, filters),
+            *(lambda slot=slot: _fill_subjects_of_slot(slot, filters) for slot in slots),
             lambda: series.append(_fill_counts_and_timeseries(by_version, filters, now)),
             *(lambda stats=stats: _fill_latency(stats, filters) for stats in checkpoints),
             *(lambda stats=stats: _fill_messages_of(stats, filters) for stats in checkpoints),
@@ -946,6 +943,7 @@ def experiment_report(
     else:
         jobs = [lambda: series.append(_timeseries(checkpoints, filters, now))]
     _run_report_queries(jobs)
+    _fill_observed_shares(slots)
     served = [c for c in checkpoints if c.requests]
     comparisons = [compare(a, b) for a, b in combinations(served, 2)]
     return ExperimentReport(
