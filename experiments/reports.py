@@ -26,11 +26,9 @@ from itertools import combinations, islice
 from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import (
-    Aggregate,
     Avg,
     Count,
     Field,
-    FloatField,
     Func,
     Max,
     Min,
@@ -112,38 +110,6 @@ def parse_moment(raw: str, *, name: str) -> datetime:
 
 
 # --- aggregates ---------------------------------------------------------------
-
-
-class PercentilesCont(Aggregate):
-    """PostgreSQL ``percentile_cont(ARRAY[f, ...]) WITHIN GROUP (ORDER BY expr)``.
-
-    Several fractions from one sort: asking for p50 and p95 separately sorts the
-    same values twice.
-    """
-
-    function = "percentile_cont"
-    name = "PercentilesCont"
-    template = (
-        "%(function)s(ARRAY[%(fractions)s]::float8[]) WITHIN GROUP (ORDER BY %(expressions)s)"
-    )
-    allow_distinct = False
-
-    def __init__(self, expression, fractions: tuple[float, ...], **extra):
-        if not fractions or not all(0.0 <= float(f) <= 1.0 for f in fractions):
-            raise ValueError("fractions must be within [0, 1]")
-        from django.contrib.postgres.fields import ArrayField
-
-        super().__init__(
-            expression,
-            fractions=", ".join(repr(float(f)) for f in fractions),
-            output_field=ArrayField(FloatField()),
-            **extra,
-        )
-
-    def as_sql(self, compiler, connection, **extra_context):
-        if connection.vendor != "postgresql":
-            raise NotImplementedError("percentile_cont needs PostgreSQL; use the Python fallback")
-        return super().as_sql(compiler, connection, **extra_context)
 
 
 class EpochBucket(Func):
@@ -346,15 +312,12 @@ def _attributed(version_ids, filters: ReportFilters):
 
 
 def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: ReportFilters) -> None:
-    """Counts, sums, means and percentiles per checkpoint: one scan of the covering index.
+    """SQLite: counts, sums, means per checkpoint, then percentiles in Python.
 
-    The measures are the usage row's, copied onto the attribution row by the
-    gateway writer, so no join with gateway_usage is needed.
+    PostgreSQL reads the same figures through ``_fill_counts_and_timeseries``
+    and ``_fill_latency`` (side by side, cheaper on a large experiment).
     """
-    on_postgres = connection.vendor == "postgresql"
     aggregates = {
-        # COUNT(*), not COUNT(usage_id): every column read is in the covering
-        # index, so PostgreSQL can answer from the index alone.
         "requests": Count("*"),
         "errors": Count("created_at", filter=Q(has_error=True)),
         "input_tokens": Sum("input_tokens"),
@@ -365,11 +328,6 @@ def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: Report
         "first_request_at": Min("created_at"),
         "last_request_at": Max("created_at"),
     }
-    if on_postgres:
-        aggregates |= {
-            "ttfb_percentiles": PercentilesCont("ttfb_ms", (0.5, 0.95)),
-            "total_percentiles": PercentilesCont("total_ms", (0.5, 0.95)),
-        }
     rows = (
         _attributed(list(checkpoints), filters)
         .order_by()
@@ -378,16 +336,11 @@ def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: Report
     )
     for row in rows:
         stats = checkpoints[row.pop("variant_version_id")]
-        ttfb = row.pop("ttfb_percentiles", None) or (None, None)
-        total = row.pop("total_percentiles", None) or (None, None)
-        stats.ttfb_p50, stats.ttfb_p95 = ttfb
-        stats.total_p50, stats.total_p95 = total
         for name, value in row.items():
             setattr(stats, name, value)
         stats.input_tokens = stats.input_tokens or 0
         stats.output_tokens = stats.output_tokens or 0
-    if not on_postgres:
-        _fill_percentiles_in_python(checkpoints, filters)
+    _fill_percentiles_in_python(checkpoints, filters)
 
 
 def _fill_percentiles_in_python(
@@ -913,8 +866,9 @@ def experiment_report(
 ) -> ExperimentReport:
     """Everything the stats page and ``experiment_report`` show.
 
-    Four heavy queries (figures, subjects, messages, time series), each a scan
-    of one covering index, run side by side (``_run_report_queries``).
+    On PostgreSQL small jobs (counts and time series; latency and messages per
+    checkpoint; subjects per slot), each a scan of one covering index, run side
+    by side (``_run_report_queries``); on SQLite four queries, one after another.
     """
     filters = filters or ReportFilters()
     now = timezone.now()
