@@ -26,11 +26,9 @@ from itertools import combinations, islice
 from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import (
-    Aggregate,
     Avg,
     Count,
     Field,
-    FloatField,
     Func,
     Max,
     Min,
@@ -49,7 +47,9 @@ from experiments.models import (
 )
 from experiments.significance import (
     chi_square_goodness_of_fit,
+    mean_and_sample_variance_from_counts,
     newcombe_difference_interval,
+    percentile_from_counts,
     percentile_linear,
     welch_mean_difference_interval,
 )
@@ -110,38 +110,6 @@ def parse_moment(raw: str, *, name: str) -> datetime:
 
 
 # --- aggregates ---------------------------------------------------------------
-
-
-class PercentilesCont(Aggregate):
-    """PostgreSQL ``percentile_cont(ARRAY[f, ...]) WITHIN GROUP (ORDER BY expr)``.
-
-    Several fractions from one sort: asking for p50 and p95 separately sorts the
-    same values twice.
-    """
-
-    function = "percentile_cont"
-    name = "PercentilesCont"
-    template = (
-        "%(function)s(ARRAY[%(fractions)s]::float8[]) WITHIN GROUP (ORDER BY %(expressions)s)"
-    )
-    allow_distinct = False
-
-    def __init__(self, expression, fractions: tuple[float, ...], **extra):
-        if not fractions or not all(0.0 <= float(f) <= 1.0 for f in fractions):
-            raise ValueError("fractions must be within [0, 1]")
-        from django.contrib.postgres.fields import ArrayField
-
-        super().__init__(
-            expression,
-            fractions=", ".join(repr(float(f)) for f in fractions),
-            output_field=ArrayField(FloatField()),
-            **extra,
-        )
-
-    def as_sql(self, compiler, connection, **extra_context):
-        if connection.vendor != "postgresql":
-            raise NotImplementedError("percentile_cont needs PostgreSQL; use the Python fallback")
-        return super().as_sql(compiler, connection, **extra_context)
 
 
 class EpochBucket(Func):
@@ -344,15 +312,12 @@ def _attributed(version_ids, filters: ReportFilters):
 
 
 def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: ReportFilters) -> None:
-    """Counts, sums, means and percentiles per checkpoint: one scan of the covering index.
+    """SQLite: counts, sums, means per checkpoint, then percentiles in Python.
 
-    The measures are the usage row's, copied onto the attribution row by the
-    gateway writer, so no join with gateway_usage is needed.
+    PostgreSQL reads the same figures through ``_fill_counts_and_timeseries``
+    and ``_fill_latency`` (side by side, cheaper on a large experiment).
     """
-    on_postgres = connection.vendor == "postgresql"
     aggregates = {
-        # COUNT(*), not COUNT(usage_id): every column read is in the covering
-        # index, so PostgreSQL can answer from the index alone.
         "requests": Count("*"),
         "errors": Count("created_at", filter=Q(has_error=True)),
         "input_tokens": Sum("input_tokens"),
@@ -363,11 +328,6 @@ def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: Report
         "first_request_at": Min("created_at"),
         "last_request_at": Max("created_at"),
     }
-    if on_postgres:
-        aggregates |= {
-            "ttfb_percentiles": PercentilesCont("ttfb_ms", (0.5, 0.95)),
-            "total_percentiles": PercentilesCont("total_ms", (0.5, 0.95)),
-        }
     rows = (
         _attributed(list(checkpoints), filters)
         .order_by()
@@ -376,16 +336,11 @@ def _fill_figures(checkpoints: dict[uuid.UUID, CheckpointStats], filters: Report
     )
     for row in rows:
         stats = checkpoints[row.pop("variant_version_id")]
-        ttfb = row.pop("ttfb_percentiles", None) or (None, None)
-        total = row.pop("total_percentiles", None) or (None, None)
-        stats.ttfb_p50, stats.ttfb_p95 = ttfb
-        stats.total_p50, stats.total_p95 = total
         for name, value in row.items():
             setattr(stats, name, value)
         stats.input_tokens = stats.input_tokens or 0
         stats.output_tokens = stats.output_tokens or 0
-    if not on_postgres:
-        _fill_percentiles_in_python(checkpoints, filters)
+    _fill_percentiles_in_python(checkpoints, filters)
 
 
 def _fill_percentiles_in_python(
@@ -406,6 +361,101 @@ def _fill_percentiles_in_python(
         stats.ttfb_p95 = percentile_linear(ttfb[version_id], 0.95)
         stats.total_p50 = percentile_linear(total[version_id], 0.5)
         stats.total_p95 = percentile_linear(total[version_id], 0.95)
+
+
+def _filter_sql(filters: ReportFilters, alias: str) -> tuple[str, list]:
+    """``ReportFilters.q()`` as SQL conditions (each starting with AND) on ``alias``."""
+    conditions, params = [], []
+    if filters.since is not None:
+        conditions.append(f"AND {alias}.created_at >= %s")
+        params.append(filters.since)
+    if filters.until is not None:
+        conditions.append(f"AND {alias}.created_at < %s")
+        params.append(filters.until)
+    if filters.subject_kind is not None:
+        conditions.append(f"AND {alias}.allocation_subject = %s")
+        params.append(filters.subject_kind)
+    return " ".join(conditions), params
+
+
+def _fill_latency(stats: CheckpointStats, filters: ReportFilters) -> None:
+    """PostgreSQL: p50/p95, mean and variance of one checkpoint's latencies, exact.
+
+    Latencies are whole milliseconds, so a checkpoint has a few thousand
+    distinct values: PostgreSQL counts each value (one scan, two small hash
+    tables) and ``percentile_from_counts`` reads p50/p95 off the counts with
+    ``percentile_cont``'s own arithmetic; mean and variance come from the same
+    counts in exact integer arithmetic. Measured on 500,000 rows: 110 ms,
+    against 150 ms for two ``percentile_cont`` sorts. One job per checkpoint,
+    so the report's connections share them evenly.
+    """
+    conditions, params = _filter_sql(filters, "r")
+    # Interpolated: a table name and fixed condition text (values stay in params).
+    sql = f"""
+        SELECT GROUPING(r.ttfb_ms), r.ttfb_ms, r.total_ms, COUNT(*)
+        FROM {ExperimentRequest._meta.db_table} r
+        WHERE r.variant_version_id = %s {conditions}
+        GROUP BY GROUPING SETS ((r.ttfb_ms), (r.total_ms))
+    """  # noqa: S608
+    ttfb: list[tuple[int, int]] = []
+    total: list[tuple[int, int]] = []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [stats.version_id, *params])
+        for total_set, ttfb_ms, total_ms, count in cursor.fetchall():
+            # percentile_cont, avg and var_samp ignore NULLs.
+            if not total_set and ttfb_ms is not None:
+                ttfb.append((ttfb_ms, count))
+            elif total_set and total_ms is not None:
+                total.append((total_ms, count))
+    ttfb.sort()
+    total.sort()
+    stats.ttfb_p50 = percentile_from_counts(ttfb, 0.5)
+    stats.ttfb_p95 = percentile_from_counts(ttfb, 0.95)
+    stats.total_p50 = percentile_from_counts(total, 0.5)
+    stats.total_p95 = percentile_from_counts(total, 0.95)
+    stats.total_mean, stats.total_variance, stats.total_samples = (
+        mean_and_sample_variance_from_counts(total)
+    )
+
+
+def _counts_by_time_range(
+    version_ids: list[uuid.UUID], bounds: list[datetime], filters: ReportFilters
+) -> list[tuple]:
+    """PostgreSQL: requests, errors and tokens per checkpoint and time range,
+    the ranges being ``[-infinity, *bounds, infinity]``.
+
+    Each (checkpoint, range) is one range of the (variant_version, created_at)
+    covering index aggregated in order: no sort and no hash table, unlike a
+    GROUP BY over the bucket expression (~190 ms for 1M rows, this ~125 ms),
+    and the per-checkpoint counts come from the same pass, so no other query
+    reads every row for them. Rows ``(version_id, range number from 1,
+    requests, errors, input_tokens, output_tokens)``.
+    """
+    conditions, params = _filter_sql(filters, "r")
+    # Interpolated: a table name and fixed condition text (values stay in params).
+    sql = f"""
+        SELECT v.id, t.n, a.requests, a.errors, a.input_tokens, a.output_tokens
+        FROM unnest(%s::uuid[]) AS v(id)
+        CROSS JOIN (
+            SELECT b.n, b.lo, lead(b.lo) OVER (ORDER BY b.n) AS hi
+            FROM unnest(ARRAY['-infinity'::timestamptz] || %s::timestamptz[]
+                        || ARRAY['infinity'::timestamptz]) WITH ORDINALITY AS b(lo, n)
+        ) AS t
+        CROSS JOIN LATERAL (
+            SELECT COUNT(*) AS requests,
+                   COUNT(*) FILTER (WHERE r.has_error) AS errors,
+                   COALESCE(SUM(r.input_tokens), 0) AS input_tokens,
+                   COALESCE(SUM(r.output_tokens), 0) AS output_tokens
+            FROM {ExperimentRequest._meta.db_table} r
+            WHERE r.variant_version_id = v.id
+              AND r.created_at >= t.lo AND r.created_at < t.hi
+              {conditions}
+        ) AS a
+        WHERE t.hi IS NOT NULL AND a.requests > 0
+    """  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [list(version_ids), list(bounds), *params])
+        return cursor.fetchall()
 
 
 def _distinct_pairs_sql(queryset, column: str, *, count_user_rows: bool) -> tuple[str, tuple]:
@@ -436,7 +486,22 @@ def _fill_subjects(slots: list[SlotStats], filters: ReportFilters) -> None:
     subject's pseudonym is a function of the user id alone (SPEC §7 seed), so
     distinct user subjects are distinct users, without storing the user id.
     """
-    checkpoints = {c.version_id: c for slot in slots for c in slot.checkpoints}
+    for slot in slots:
+        _fill_subjects_of_slot(slot, filters)
+    _fill_observed_shares(slots)
+
+
+def _fill_observed_shares(slots: list[SlotStats]) -> None:
+    total = sum(slot.distinct_subjects for slot in slots)
+    for slot in slots:
+        slot.observed_share = slot.distinct_subjects / total if total else None
+
+
+def _fill_subjects_of_slot(slot: SlotStats, filters: ReportFilters) -> None:
+    """``_fill_subjects`` for one slot: a report job (slots are disjoint)."""
+    checkpoints = {c.version_id: c for c in slot.checkpoints}
+    if not checkpoints:
+        return
     pairs_sql, params = _distinct_pairs_sql(
         _attributed(list(checkpoints), filters), "allocation_subject_hash", count_user_rows=True
     )
@@ -457,18 +522,13 @@ def _fill_subjects(slots: list[SlotStats], filters: ReportFilters) -> None:
     with _pairs_in_index_order(filters), connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
-    slot_counts: dict[uuid.UUID, int] = {}
     for level, key, subjects, users in rows:
         key = key if isinstance(key, uuid.UUID) else uuid.UUID(str(key))
         if level == "version":
             checkpoints[key].distinct_subjects = subjects
             checkpoints[key].distinct_users = int(users or 0)
         else:
-            slot_counts[key] = subjects
-    total = sum(slot_counts.values())
-    for slot in slots:
-        slot.distinct_subjects = slot_counts.get(slot.slot_id, 0)
-        slot.observed_share = slot.distinct_subjects / total if total else None
+            slot.distinct_subjects = subjects
 
 
 def _fill_messages(checkpoints: dict[uuid.UUID, CheckpointStats], filters: ReportFilters) -> None:
@@ -485,6 +545,21 @@ def _fill_messages(checkpoints: dict[uuid.UUID, CheckpointStats], filters: Repor
         for key, messages in cursor.fetchall():
             key = key if isinstance(key, uuid.UUID) else uuid.UUID(str(key))
             checkpoints[key].distinct_messages = messages
+
+
+def _fill_messages_of(stats: CheckpointStats, filters: ReportFilters) -> None:
+    """Distinct client request ids (messages) of one checkpoint, as a report job.
+
+    A plain COUNT over the checkpoint's distinct pairs: grouping them by a
+    single checkpoint again made PostgreSQL sort all of them first (250 ms
+    instead of 80 ms for 500,000 rows).
+    """
+    pairs_sql, params = _distinct_pairs_sql(
+        _attributed([stats.version_id], filters), "client_request_id", count_user_rows=False
+    )
+    with _pairs_in_index_order(filters), connection.cursor() as cursor:
+        cursor.execute(f"SELECT COUNT(*) FROM ({pairs_sql}) pairs", params)  # noqa: S608
+        stats.distinct_messages = cursor.fetchone()[0]
 
 
 def sample_ratio_check(slots: list[SlotStats]) -> SrmResult:
@@ -579,27 +654,28 @@ def bucket_seconds_for(span: timedelta) -> int:
 
 def _request_span(
     version_ids: list[uuid.UUID], filters: ReportFilters
-) -> tuple[list[datetime], list[datetime]]:
-    """First and last request time per checkpoint: an index lookup each.
+) -> dict[uuid.UUID, tuple[datetime, datetime]]:
+    """First and last request time per checkpoint that has any: an index lookup each.
 
     Asked separately, not taken from the figures query, so the time series does
     not wait for it (the report's queries run side by side).
     """
-    firsts, lasts = [], []
+    spans = {}
     for version_id in version_ids:
         span = _attributed([version_id], filters).aggregate(
             first=Min("created_at"), last=Max("created_at")
         )
         if span["first"] is not None:
-            firsts.append(span["first"])
-            lasts.append(span["last"])
-    return firsts, lasts
+            spans[version_id] = (span["first"], span["last"])
+    return spans
 
 
-def _timeseries(
-    checkpoints: list[CheckpointStats], filters: ReportFilters, now: datetime
-) -> TimeSeries:
-    firsts, lasts = _request_span([c.version_id for c in checkpoints], filters)
+def _bucket_starts(
+    spans: dict[uuid.UUID, tuple[datetime, datetime]], filters: ReportFilters, now: datetime
+) -> tuple[int, list[int]]:
+    """Bucket size and bucket starts (epoch seconds) the time series is drawn with."""
+    firsts = [first for first, _ in spans.values()]
+    lasts = [last for _, last in spans.values()]
     # A chosen window is drawn whole (an empty stretch is information); "all"
     # spans the first to the last request.
     start = filters.since or (min(firsts) if firsts else now - timedelta(hours=1))
@@ -613,7 +689,14 @@ def _timeseries(
     size = bucket_seconds_for(end - start)
     first_bucket = int(start.timestamp()) // size * size
     last_bucket = int(end.timestamp()) // size * size
-    starts = list(range(first_bucket, last_bucket + size, size))
+    return size, list(range(first_bucket, last_bucket + size, size))
+
+
+def _timeseries(
+    checkpoints: list[CheckpointStats], filters: ReportFilters, now: datetime
+) -> TimeSeries:
+    spans = _request_span([c.version_id for c in checkpoints], filters)
+    size, starts = _bucket_starts(spans, filters, now)
     index = {value: position for position, value in enumerate(starts)}
     counts = {c.version_id: [0] * len(starts) for c in checkpoints}
     rows = (
@@ -628,6 +711,39 @@ def _timeseries(
         position = index.get(epoch)
         if position is not None:
             counts[version_id][position] += requests
+    buckets = [datetime.fromtimestamp(value, tz=UTC) for value in starts]
+    return TimeSeries(bucket_seconds=size, buckets=buckets, counts=counts)
+
+
+def _fill_counts_and_timeseries(
+    by_version: dict[uuid.UUID, CheckpointStats], filters: ReportFilters, now: datetime
+) -> TimeSeries:
+    """PostgreSQL: the time series and each checkpoint's requests, errors, tokens,
+    first and last request, from one in-order pass over the measures index.
+
+    The ranges before the first and after the last bucket are read too, so the
+    checkpoint figures hold every row the filters select (a row written after
+    ``now`` included), while the series shows its buckets only, as ``_timeseries``.
+    """
+    spans = _request_span(list(by_version), filters)
+    size, starts = _bucket_starts(spans, filters, now)
+    bounds = [datetime.fromtimestamp(value, tz=UTC) for value in [*starts, starts[-1] + size]]
+    counts = {version_id: [0] * len(starts) for version_id in by_version}
+    rows = _counts_by_time_range(list(by_version), bounds, filters)
+    for version_id, number, requests, errors, input_tokens, output_tokens in rows:
+        stats = by_version[version_id]
+        stats.requests += requests
+        stats.errors += errors
+        stats.input_tokens += int(input_tokens)
+        stats.output_tokens += int(output_tokens)
+        # Range 1 is (-infinity, first bucket); ranges 2.. are the buckets.
+        position = number - 2
+        if 0 <= position < len(starts):
+            counts[version_id][position] = requests
+    # The span lookups ran in this transaction too: same snapshot as the counts.
+    for version_id, (first, last) in spans.items():
+        by_version[version_id].first_request_at = first
+        by_version[version_id].last_request_at = last
     buckets = [datetime.fromtimestamp(value, tz=UTC) for value in starts]
     return TimeSeries(bucket_seconds=size, buckets=buckets, counts=counts)
 
@@ -750,8 +866,9 @@ def experiment_report(
 ) -> ExperimentReport:
     """Everything the stats page and ``experiment_report`` show.
 
-    Four heavy queries (figures, subjects, messages, time series), each a scan
-    of one covering index, run side by side (``_run_report_queries``).
+    On PostgreSQL small jobs (counts and time series; latency and messages per
+    checkpoint; subjects per slot), each a scan of one covering index, run side
+    by side (``_run_report_queries``); on SQLite four queries, one after another.
     """
     filters = filters or ReportFilters()
     now = timezone.now()
@@ -759,16 +876,28 @@ def experiment_report(
     by_version = {c.version_id: c for slot in slots for c in slot.checkpoints}
     checkpoints = list(by_version.values())
     series: list[TimeSeries] = []
-    jobs = [lambda: series.append(_timeseries(checkpoints, filters, now))]
-    if by_version:
-        # Longest first, so the last one to start is a short one.
+    if by_version and connection.vendor == "postgresql":
+        # Small jobs (per slot or checkpoint), so the two connections finish
+        # close together. Bench, 1M rows, ms of one core: subjects ~100 per
+        # slot, counts and series ~120, latency ~110 and messages ~90 per
+        # 500k-row checkpoint (bench/RESULTS.md).
+        jobs = [
+            *(lambda slot=slot: _fill_subjects_of_slot(slot, filters) for slot in slots),
+            lambda: series.append(_fill_counts_and_timeseries(by_version, filters, now)),
+            *(lambda stats=stats: _fill_latency(stats, filters) for stats in checkpoints),
+            *(lambda stats=stats: _fill_messages_of(stats, filters) for stats in checkpoints),
+        ]
+    elif by_version:
         jobs = [
             lambda: _fill_figures(by_version, filters),
-            jobs[0],
+            lambda: series.append(_timeseries(checkpoints, filters, now)),
             lambda: _fill_messages(by_version, filters),
             lambda: _fill_subjects(slots, filters),
         ]
+    else:
+        jobs = [lambda: series.append(_timeseries(checkpoints, filters, now))]
     _run_report_queries(jobs)
+    _fill_observed_shares(slots)
     served = [c for c in checkpoints if c.requests]
     comparisons = [compare(a, b) for a, b in combinations(served, 2)]
     return ExperimentReport(

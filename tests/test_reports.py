@@ -16,6 +16,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from experiments import significance
 from experiments.reports import (
@@ -85,6 +86,29 @@ def test_percentiles_match_linear_interpolation_of_raw_values(seeded):
         assert checkpoint.total_p50 == pytest.approx(quantile(total, 0.5))
         assert checkpoint.total_p95 == pytest.approx(quantile(total, 0.95))
         assert checkpoint.total_mean == pytest.approx(statistics.fmean(total))
+
+
+def test_latency_variance_and_samples_match_raw_values(seeded):
+    report = experiment_report(seeded.experiment)
+    expected = by_version(seeded.requests)
+    for checkpoint in report.checkpoints:
+        total = [r.total_ms for r in expected[checkpoint.version_id]]
+        assert checkpoint.total_samples == len(total)
+        assert checkpoint.total_variance == pytest.approx(statistics.variance(total), rel=1e-12)
+
+
+def test_requests_newer_than_the_series_end_still_count_in_the_figures(db):
+    # Since-only window: the series ends at the report's clock, the figures do not.
+    seeded = seed_experiment(start=timezone.now() - timedelta(minutes=30))
+    report = experiment_report(
+        seeded.experiment, ReportFilters(since=timezone.now() - timedelta(hours=3))
+    )
+    expected = by_version(seeded.requests)
+    for checkpoint in report.checkpoints:
+        rows = expected[checkpoint.version_id]
+        assert checkpoint.requests == len(rows)
+        assert checkpoint.first_request_at == min(r.created_at for r in rows)
+        assert checkpoint.last_request_at == max(r.created_at for r in rows)
 
 
 def test_checkpoints_are_grouped_under_their_slot_with_effective_periods(seeded):
@@ -255,6 +279,34 @@ def test_percentile_linear_matches_inclusive_quantiles(fraction):
     else:
         expected = quantile(values, fraction)
     assert significance.percentile_linear(values, fraction) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.5, 0.95, 1.0])
+def test_percentile_from_counts_matches_the_expanded_values(fraction):
+    values = [5, 1, 9, 3, 3, 12, 40, 7, 7, 7, 0]
+    counts = sorted((value, values.count(value)) for value in set(values))
+    assert significance.percentile_from_counts(counts, fraction) == (
+        significance.percentile_linear(values, fraction)
+    )
+
+
+def test_percentile_from_counts_of_nothing_is_none():
+    assert significance.percentile_from_counts([], 0.5) is None
+
+
+def test_mean_and_variance_from_counts_match_the_expanded_values():
+    values = [120, 4000, 4000, 7, 999, 999, 999, 31]
+    counts = sorted((value, values.count(value)) for value in set(values))
+    mean, variance, samples = significance.mean_and_sample_variance_from_counts(counts)
+    assert (mean, variance, samples) == (
+        statistics.fmean(values),
+        statistics.variance(values),
+        len(values),
+    )
+
+
+def test_variance_from_counts_of_one_value_is_none():
+    assert significance.mean_and_sample_variance_from_counts([(42, 1)]) == (42.0, None, 1)
 
 
 # --- time series --------------------------------------------------------------
