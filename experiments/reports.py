@@ -47,9 +47,7 @@ from experiments.models import (
 )
 from experiments.significance import (
     chi_square_goodness_of_fit,
-    mean_and_sample_variance_from_counts,
     newcombe_difference_interval,
-    percentile_from_counts,
     percentile_linear,
     welch_mean_difference_interval,
 )
@@ -379,43 +377,28 @@ def _filter_sql(filters: ReportFilters, alias: str) -> tuple[str, list]:
 
 
 def _fill_latency(stats: CheckpointStats, filters: ReportFilters) -> None:
-    """PostgreSQL: p50/p95, mean and variance of one checkpoint's latencies, exact.
-
-    Latencies are whole milliseconds, so a checkpoint has a few thousand
-    distinct values: PostgreSQL counts each value (one scan, two small hash
-    tables) and ``percentile_from_counts`` reads p50/p95 off the counts with
-    ``percentile_cont``'s own arithmetic; mean and variance come from the same
-    counts in exact integer arithmetic. Measured on 500,000 rows: 110 ms,
-    against 150 ms for two ``percentile_cont`` sorts. One job per checkpoint,
-    so the report's connections share them evenly.
+    """PostgreSQL: p50/p95 (``percentile_cont``), mean and variance of one checkpoint's
+    latencies, in one statement. One job per checkpoint, so the report's connections
+    share the sorts evenly; both percentiles of a column come from one sort.
     """
     conditions, params = _filter_sql(filters, "r")
     # Interpolated: a table name and fixed condition text (values stay in params).
     sql = f"""
-        SELECT GROUPING(r.ttfb_ms), r.ttfb_ms, r.total_ms, COUNT(*)
+        SELECT percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY r.ttfb_ms),
+               percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY r.total_ms),
+               avg(r.total_ms), var_samp(r.total_ms), count(r.total_ms)
         FROM {ExperimentRequest._meta.db_table} r
         WHERE r.variant_version_id = %s {conditions}
-        GROUP BY GROUPING SETS ((r.ttfb_ms), (r.total_ms))
     """  # noqa: S608
-    ttfb: list[tuple[int, int]] = []
-    total: list[tuple[int, int]] = []
     with connection.cursor() as cursor:
         cursor.execute(sql, [stats.version_id, *params])
-        for total_set, ttfb_ms, total_ms, count in cursor.fetchall():
-            # percentile_cont, avg and var_samp ignore NULLs.
-            if not total_set and ttfb_ms is not None:
-                ttfb.append((ttfb_ms, count))
-            elif total_set and total_ms is not None:
-                total.append((total_ms, count))
-    ttfb.sort()
-    total.sort()
-    stats.ttfb_p50 = percentile_from_counts(ttfb, 0.5)
-    stats.ttfb_p95 = percentile_from_counts(ttfb, 0.95)
-    stats.total_p50 = percentile_from_counts(total, 0.5)
-    stats.total_p95 = percentile_from_counts(total, 0.95)
-    stats.total_mean, stats.total_variance, stats.total_samples = (
-        mean_and_sample_variance_from_counts(total)
-    )
+        ttfb, total, mean, variance, samples = cursor.fetchone()
+    # percentile_cont, avg and var_samp ignore NULLs; no values at all gives NULL.
+    stats.ttfb_p50, stats.ttfb_p95 = ttfb or (None, None)
+    stats.total_p50, stats.total_p95 = total or (None, None)
+    stats.total_mean = float(mean) if mean is not None else None
+    stats.total_variance = float(variance) if variance is not None else None
+    stats.total_samples = samples
 
 
 def _counts_by_time_range(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from fractions import Fraction
 
 _EPSILON = 1e-15
 _MAX_ITERATIONS = 10_000
@@ -130,55 +129,6 @@ def percentile_linear(values: Sequence[float], fraction: float) -> float | None:
     if below == above:
         return float(ordered[below])
     return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
-
-
-def percentile_from_counts(counts: Sequence[tuple[int, int]], fraction: float) -> float | None:
-    """``percentile_linear`` of the values a histogram describes, without expanding it.
-
-    ``counts`` holds (value, how many times it occurs), ascending by value.
-    Same arithmetic as PostgreSQL's ``percentile_cont`` (position
-    ``fraction * (n - 1)``, the values at its floor and ceiling ranks, then
-    ``low + (high - low) * (position - floor)``), so the result is identical.
-    """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError("fraction must be within [0, 1]")
-    total = sum(count for _, count in counts)
-    if not total:
-        return None
-    position = fraction * (total - 1)
-    below = math.floor(position)
-    above = math.ceil(position)
-    low = high = None
-    seen = 0
-    for value, count in counts:
-        seen += count  # ranks seen - count .. seen - 1 hold this value
-        if low is None and below < seen:
-            low = value
-        if above < seen:
-            high = value
-            break
-    if below == above:
-        return float(low)
-    return float(low) + (float(high) - float(low)) * (position - below)
-
-
-def mean_and_sample_variance_from_counts(
-    counts: Sequence[tuple[int, int]],
-) -> tuple[float | None, float | None, int]:
-    """(mean, sample variance, n) of integer values given as (value, count) pairs.
-
-    Computed exactly in integers and rounded once to float, like PostgreSQL's
-    ``avg`` and ``var_samp`` of an integer column (numeric arithmetic): None
-    for the mean of nothing and for the variance of fewer than two values.
-    """
-    n = sum(count for _, count in counts)
-    if not n:
-        return None, None, 0
-    total = sum(value * count for value, count in counts)
-    squares = sum(value * value * count for value, count in counts)
-    mean = float(Fraction(total, n))
-    variance = float(Fraction(n * squares - total * total, n * (n - 1))) if n > 1 else None
-    return mean, variance, n
 
 
 def welch_mean_difference_interval(

@@ -281,34 +281,6 @@ def test_percentile_linear_matches_inclusive_quantiles(fraction):
     assert significance.percentile_linear(values, fraction) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.5, 0.95, 1.0])
-def test_percentile_from_counts_matches_the_expanded_values(fraction):
-    values = [5, 1, 9, 3, 3, 12, 40, 7, 7, 7, 0]
-    counts = sorted((value, values.count(value)) for value in set(values))
-    assert significance.percentile_from_counts(counts, fraction) == (
-        significance.percentile_linear(values, fraction)
-    )
-
-
-def test_percentile_from_counts_of_nothing_is_none():
-    assert significance.percentile_from_counts([], 0.5) is None
-
-
-def test_mean_and_variance_from_counts_match_the_expanded_values():
-    values = [120, 4000, 4000, 7, 999, 999, 999, 31]
-    counts = sorted((value, values.count(value)) for value in set(values))
-    mean, variance, samples = significance.mean_and_sample_variance_from_counts(counts)
-    assert (mean, variance, samples) == (
-        statistics.fmean(values),
-        statistics.variance(values),
-        len(values),
-    )
-
-
-def test_variance_from_counts_of_one_value_is_none():
-    assert significance.mean_and_sample_variance_from_counts([(42, 1)]) == (42.0, None, 1)
-
-
 # --- time series --------------------------------------------------------------
 
 
