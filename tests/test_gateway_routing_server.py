@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,12 +12,13 @@ import httpx
 import openai
 import redis
 from django.conf import settings
+from django.urls import reverse
 
 from experiments import services
 from experiments.models import ExperimentRequest, Variant
 from gateway.models import GatewayUsage
 from gateway.tokens import create_token, revoke_token
-from tests.factories import UserFactory, upstream_config
+from tests.factories import SuperUserFactory, UserFactory, upstream_config
 from tests.gateway_server import (
     ROOT,
     free_port,
@@ -103,6 +105,35 @@ def test_admin_changes_reach_the_running_server(gateway, upstream):
     services.hot_swap(variant=variant, upstream=upstream_config("swapped-rc", upstream.base_url))
     wait_until(
         lambda: _served_model(upstream, gateway, exp.public_model_id, machine) == "swapped-rc",
+        timeout=3,
+    )
+
+
+def test_changes_made_in_the_admin_pages_reach_the_running_server(gateway, upstream, client):
+    """The same round trip as above, but as staff do it: admin action and hot-swap page."""
+    exp = active_experiment(upstream)
+    machine = {"x-kilocode-machineid": "m-admin-pages"}
+    wait_listed(gateway, exp.public_model_id)
+    slot = expected_variant_id(exp, "machine", "m-admin-pages")
+    client.force_login(SuperUserFactory(username="admin-pages"))
+    changelist = reverse("admin:experiments_experiment_changelist")
+
+    def run_action(action: str) -> None:
+        response = client.post(changelist, {"action": action, "_selected_action": [str(exp.pk)]})
+        assert response.status_code == 302
+
+    run_action("pause")
+    wait_until(lambda: _ask(gateway, exp.public_model_id, machine).status_code == 404, timeout=3)
+
+    run_action("activate")
+    wait_until(lambda: _ask(gateway, exp.public_model_id, machine).status_code == 200, timeout=3)
+
+    hot_swap = reverse("admin:experiments_experiment_hot_swap", args=[exp.pk, slot])
+    swapped = upstream_config("clicked-rc", upstream.base_url)
+    response = client.post(hot_swap, {"upstream": json.dumps(swapped), "api_key": ""})
+    assert response.status_code == 302
+    wait_until(
+        lambda: _served_model(upstream, gateway, exp.public_model_id, machine) == "clicked-rc",
         timeout=3,
     )
 
