@@ -137,8 +137,65 @@ STATIC_URL = "static/"
 STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", "") or BASE_DIR / "staticfiles")
 
 # --- Secrets (SPEC §6) -------------------------------------------------------
-# base64 of 32 random bytes; `manage.py generate_encryption_key` prints one.
-BYOK_ENCRYPTION_KEY = os.environ.get("BYOK_ENCRYPTION_KEY", "")
+# base64 of 32 random bytes; `manage.py generate_encryption_key` prints one. Every
+# process (gateway, admin, manage.py in any shell) reads it the same way: the
+# variable itself, else the file named by BYOK_ENCRYPTION_KEY_FILE (relative to the
+# project), else var/encryption.key when it exists (where `bash .ci/demo` keeps it).
+# A problem is kept, not raised: the gateway still serves ids without an experiment
+# and commands that need no key still run; experiments/crypto.py refuses with it.
+DEFAULT_ENCRYPTION_KEY_FILE = BASE_DIR / "var" / "encryption.key"
+#: Far longer than a base64 key: a bigger file is not a key file.
+MAX_KEY_FILE_BYTES = 1024
+
+
+def encryption_key_source() -> tuple[str, str]:
+    """(key file, or "" for the variable; where the key comes from, as messages name it)."""
+    named = os.environ.get("BYOK_ENCRYPTION_KEY_FILE", "").strip()
+    if named:
+        path = str(BASE_DIR / named)  # relative to the project; an absolute path stays
+        return path, f"the key file {path} (BYOK_ENCRYPTION_KEY_FILE)"
+    if (
+        not os.environ.get("BYOK_ENCRYPTION_KEY", "").strip()
+        and DEFAULT_ENCRYPTION_KEY_FILE.is_file()
+    ):
+        return str(DEFAULT_ENCRYPTION_KEY_FILE), (
+            f"the key file {DEFAULT_ENCRYPTION_KEY_FILE} (the default: neither "
+            "BYOK_ENCRYPTION_KEY nor BYOK_ENCRYPTION_KEY_FILE is set)"
+        )
+    return "", "BYOK_ENCRYPTION_KEY"
+
+
+def read_encryption_key(key_file: str, source: str) -> tuple[str, str]:
+    """(key, problem): the key text, or "" and why none is usable. Never the key in the problem."""
+    from_env = os.environ.get("BYOK_ENCRYPTION_KEY", "").strip()
+    if not key_file:
+        return from_env, ""
+    if from_env:
+        return "", (
+            "Both BYOK_ENCRYPTION_KEY and BYOK_ENCRYPTION_KEY_FILE are set; set only one, so "
+            "that every process reads the same key."
+        )
+    try:
+        with open(key_file, "rb") as handle:
+            raw = handle.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        return "", f"Cannot read {source}: {exc.strerror or type(exc).__name__}."
+    try:
+        text = raw.decode("ascii").strip() if len(raw) <= MAX_KEY_FILE_BYTES else ""
+    except UnicodeDecodeError:
+        text = ""
+    if not text:
+        return (
+            "",
+            f"Cannot use {source}: it does not hold a base64 key (empty, binary or too long).",
+        )
+    return text, ""
+
+
+BYOK_ENCRYPTION_KEY_FILE, BYOK_ENCRYPTION_KEY_SOURCE = encryption_key_source()
+BYOK_ENCRYPTION_KEY, BYOK_ENCRYPTION_KEY_PROBLEM = read_encryption_key(
+    BYOK_ENCRYPTION_KEY_FILE, BYOK_ENCRYPTION_KEY_SOURCE
+)
 
 # --- Gateway (SPEC §8) -------------------------------------------------------
 GATEWAY_DEFAULT_UPSTREAM_BASE_URL = os.environ.get("GATEWAY_DEFAULT_UPSTREAM_BASE_URL", "")

@@ -206,7 +206,7 @@ class VariantInline(admin.TabularInline):
                     version.created_by.get_username() if version.created_by else "—",
                     # Every version is stored with a key (new or carried over); the key
                     # itself is never read here (the column is deferred).
-                    "Key configured",
+                    f"Key configured (key {version.key_fingerprint or 'unknown'})",
                 )
                 for version in versions
             ),
@@ -314,6 +314,17 @@ class ExperimentAdmin(admin.ModelAdmin):
         # Mirrors the service rule only to hide the button; services.delete_experiment decides.
         allowed = super().has_delete_permission(request, obj)
         return allowed and (obj is None or obj.status == ExperimentStatus.DRAFT)
+
+    # --- pages ----------------------------------------------------------------------
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        experiment = self.get_object(request, unquote(object_id))
+        if experiment is not None:
+            extra_context = {
+                **(extra_context or {}),
+                "key_warnings": services.key_warnings(experiment),
+            }
+        return super().change_view(request, object_id, form_url, extra_context)
 
     # --- saving through the services ------------------------------------------------
 

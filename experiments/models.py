@@ -51,6 +51,8 @@ class Experiment(models.Model):
         ordering = ["-created_at"]
         permissions = [
             ("transition_experiment", "Can activate, pause, complete and archive experiments"),
+            # Prompts are user content: reading them is not implied by seeing results.
+            ("view_prompt", "Can read the captured prompts of an experiment's requests"),
         ]
         constraints = [
             models.CheckConstraint(
@@ -142,6 +144,10 @@ class VariantVersion(models.Model):
     variant = models.ForeignKey(Variant, on_delete=models.CASCADE, related_name="versions")
     upstream = models.JSONField()
     encrypted_api_key = models.JSONField()
+    # crypto.key_fingerprint() of the key that encrypted ``encrypted_api_key``: names
+    # a mismatch with the running key instead of an unexplained 503. Empty: unknown
+    # (written before fingerprints were recorded, and not decryptable at migration).
+    key_fingerprint = models.CharField(max_length=16, blank=True, default="")
     effective_at = models.DateTimeField(default=timezone.now)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,

@@ -82,7 +82,7 @@ def build_payload(public_model_id: str, *, moment=None) -> dict[str, Any] | None
     versions = {
         row["id"]: row
         for row in VariantVersion.with_ciphertext.filter(pk__in=version_ids).values(
-            "id", "upstream", "encrypted_api_key"
+            "id", "upstream", "encrypted_api_key", "key_fingerprint"
         )
     }
     return {
@@ -98,6 +98,10 @@ def build_payload(public_model_id: str, *, moment=None) -> dict[str, Any] | None
                 if v["current_version_id"]
                 else None,
                 "encrypted_api_key": versions[v["current_version_id"]]["encrypted_api_key"]
+                if v["current_version_id"]
+                else None,
+                # Lets the gateway name the key it lacks when it cannot decrypt.
+                "key_fingerprint": versions[v["current_version_id"]]["key_fingerprint"]
                 if v["current_version_id"]
                 else None,
             }

@@ -13,6 +13,7 @@ import json
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
@@ -332,6 +333,16 @@ def _encrypt(api_key: str) -> dict[str, str]:
         raise EncryptionUnavailable(str(exc)) from None
 
 
+def _fingerprint_of(version: VariantVersion) -> str:
+    """The fingerprint a reused ciphertext carries on: its own, or, for a row written
+    before fingerprints were recorded, the key in use here when that key opens it."""
+    if version.key_fingerprint:
+        return version.key_fingerprint
+    if crypto.can_decrypt(version.encrypted_api_key):
+        return crypto.key_fingerprint()
+    return ""
+
+
 def _clean_api_key(api_key: str | None) -> str | None:
     if api_key is None:
         return None
@@ -370,9 +381,9 @@ def hot_swap(
             .first()
         )
         if api_key is not None:
-            envelope = _encrypt(api_key)
+            envelope, fingerprint = _encrypt(api_key), crypto.key_fingerprint()
         elif previous is not None:
-            envelope = previous.encrypted_api_key
+            envelope, fingerprint = previous.encrypted_api_key, _fingerprint_of(previous)
         else:
             raise InvalidInput(
                 "An API key is required: this variant has no checkpoint yet.", field="api_key"
@@ -381,6 +392,7 @@ def hot_swap(
             variant=var,
             upstream=config,
             encrypted_api_key=envelope,
+            key_fingerprint=fingerprint,
             effective_at=_next_effective_at(var),
             created_by=_actor(by),
         )
@@ -418,6 +430,7 @@ def rotate_key(*, variant: Variant, api_key: str, by=None) -> VariantVersion:
             variant=var,
             upstream=latest.upstream,
             encrypted_api_key=_encrypt(api_key),
+            key_fingerprint=crypto.key_fingerprint(),
             effective_at=_next_effective_at(var),
             created_by=_actor(by),
         )
@@ -447,6 +460,56 @@ def _public_id_held_by_another(exp: Experiment) -> bool:
     )
 
 
+def _current_versions(experiment: Experiment, *, with_ciphertext: bool = False):
+    """(slot label, current version) for every slot that has one, in bucket order."""
+    for variant in experiment.variants.order_by("id"):
+        version = current_version(variant, with_ciphertext=with_ciphertext)
+        if version is not None:
+            yield variant.label, version
+
+
+def _key_in_use() -> str:
+    return f"{crypto.key_fingerprint()}, from {settings.BYOK_ENCRYPTION_KEY_SOURCE}"
+
+
+def key_warnings(experiment: Experiment) -> list[str]:
+    """Current checkpoints whose partner key was encrypted under another key than the one
+    in use here, as messages naming slot and both fingerprints. Reads no ciphertext."""
+    try:
+        current = crypto.key_fingerprint()
+    except crypto.EncryptionKeyError as exc:
+        return [str(exc)]
+    return [
+        f"Slot {label!r}: its checkpoint {version.internal_id!r} was encrypted under key "
+        f"{version.key_fingerprint}, but the key in use here is {_key_in_use()}. A gateway "
+        "with this key cannot decrypt it (503): run every process with the key that "
+        "encrypted it, or rotate the slot's key."
+        for label, version in _current_versions(experiment)
+        if version.key_fingerprint and version.key_fingerprint != current
+    ]
+
+
+def _key_problems(experiment: Experiment) -> list[str]:
+    """Activation refuses checkpoints that the key in use here cannot decrypt."""
+    try:
+        current = crypto.key_fingerprint()
+    except crypto.EncryptionKeyError as exc:
+        return [f"the checkpoints' partner keys cannot be checked: {exc}"]
+    problems = []
+    for label, version in _current_versions(experiment, with_ciphertext=True):
+        if version.key_fingerprint and version.key_fingerprint != current:
+            problems.append(
+                f"slot {label!r} holds a checkpoint encrypted under key "
+                f"{version.key_fingerprint}, not under the key in use here ({_key_in_use()})"
+            )
+        elif not version.key_fingerprint and not crypto.can_decrypt(version.encrypted_api_key):
+            problems.append(
+                f"slot {label!r} holds a checkpoint whose partner key the key in use here "
+                f"({_key_in_use()}) cannot decrypt; the key that encrypted it is unknown"
+            )
+    return problems
+
+
 def activation_problems(experiment: Experiment) -> list[str]:
     """What stands in the way of activating, as messages (empty list: ready)."""
     problems: list[str] = []
@@ -464,7 +527,7 @@ def activation_problems(experiment: Experiment) -> list[str]:
     missing = [v.label for v in variants if v.pk not in with_version]
     if missing:
         problems.append("no checkpoint loaded in: " + ", ".join(sorted(missing)))
-    return problems
+    return problems + _key_problems(experiment)
 
 
 def activate(*, experiment: Experiment, by=None) -> Experiment:

@@ -238,12 +238,15 @@ class Router:
         self._payloads: dict[str, tuple[str, dict[str, Any] | None]] = {}
         #: version id -> plaintext partner key (process memory only; never Redis, never logged)
         self._keys: dict[str, str] = {}
+        #: Key fingerprints already logged as undecryptable: one line each, not one per request.
+        self._undecryptable_fingerprints: set[str] = set()
 
     def reset(self) -> None:
         self._membership = None
         self._failed_at = None
         self._payloads.clear()
         self._keys.clear()
+        self._undecryptable_fingerprints.clear()
 
     def _lock(self) -> asyncio.Lock:
         loop_id = id(asyncio.get_running_loop())
@@ -333,12 +336,24 @@ class Router:
                 "The model is temporarily unavailable.", error_kind="encryption_key_unavailable"
             ) from None
         except crypto.DecryptionError:
-            logger.error("a checkpoint's partner key cannot be decrypted (version %s)", version_id)
+            self._log_undecryptable(variant.get("key_fingerprint") or "unknown")
             raise unavailable(
                 "The model is temporarily unavailable.", error_kind="key_undecryptable"
             ) from None
         self._keys[version_id] = plaintext
         return plaintext
+
+    def _log_undecryptable(self, fingerprint: str) -> None:
+        if fingerprint in self._undecryptable_fingerprints:
+            return
+        self._undecryptable_fingerprints.add(fingerprint)
+        logger.error(
+            "checkpoint partner keys encrypted under key %s cannot be decrypted with this "
+            "gateway's key %s: requests routed to them answer 503. Run every process with the "
+            "same BYOK_ENCRYPTION_KEY or BYOK_ENCRYPTION_KEY_FILE.",
+            fingerprint,
+            crypto.key_fingerprint(),
+        )
 
     async def resolve(self, public_model_id: str, subject_of) -> Route:
         """Decide where a request goes. ``subject_of()`` is called only when needed.

@@ -74,6 +74,7 @@ class VariantVersionFactory(factory.django.DjangoModelFactory):
     variant = factory.SubFactory(VariantFactory)
     upstream = factory.Sequence(lambda n: upstream_config(internal_id=f"partner-model-rc{n}"))
     encrypted_api_key = factory.LazyAttribute(lambda o: crypto.encrypt_api_key(o.api_key))
+    key_fingerprint = factory.LazyFunction(crypto.key_fingerprint)
     effective_at = factory.LazyFunction(timezone.now)
 
 

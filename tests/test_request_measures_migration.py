@@ -7,8 +7,8 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
+
+from tests.migration_support import migrate_to, migrate_to_latest
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -17,17 +17,10 @@ AFTER = [("experiments", "0003_request_measures_and_compact_subject")]
 MOMENT = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def _migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(targets)
-    return executor.loader.project_state(targets).apps
-
-
 @pytest.fixture
 def old_rows():
     """Rows as the schema before 0003 held them: one with a hex hash, one user row without."""
-    apps = _migrate(BEFORE)
+    apps = migrate_to(BEFORE)
     user = apps.get_model("auth", "User").objects.create(username="migrated-user")
     experiment = apps.get_model("experiments", "Experiment").objects.create(
         public_model_id="kilo/migrated", name="Migrated", status="active"
@@ -74,12 +67,12 @@ def old_rows():
         )
         made[name] = usage.pk
     yield made, experiment.pk, user.pk, machine_hash
-    _migrate(AFTER)  # leave the schema as the rest of the suite expects
+    migrate_to_latest()
 
 
 def test_backfill_copies_every_usage_measure(old_rows):
     made, _, _, _ = old_rows
-    apps = _migrate(AFTER)
+    apps = migrate_to(AFTER)
     usage_model = apps.get_model("gateway", "GatewayUsage")
     request_model = apps.get_model("experiments", "ExperimentRequest")
     names = ("status_code", "has_error", "is_stream", "input_tokens", "output_tokens")
@@ -92,7 +85,7 @@ def test_backfill_copies_every_usage_measure(old_rows):
 
 def test_backfill_shortens_hex_hashes_and_rebuilds_user_subject_hashes(old_rows):
     made, experiment_id, user_id, machine_hash = old_rows
-    apps = _migrate(AFTER)
+    apps = migrate_to(AFTER)
     request_model = apps.get_model("experiments", "ExperimentRequest")
     machine = request_model.objects.get(pk=made["machine"])
     assert machine.allocation_subject_hash == uuid.UUID(machine_hash[:32])

@@ -62,6 +62,13 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
+def _key_cell(checkpoint: dict[str, Any]) -> str:
+    if not checkpoint.get("key_configured"):
+        return "-"
+    fingerprint = checkpoint.get("key_fingerprint")
+    return f"configured (key {fingerprint})" if fingerprint else "configured (key unknown)"
+
+
 def _redact_unrecognized(error: Callable[[str], Any]) -> Callable[[str], Any]:
     """Wrap a parser's ``error`` so a mistyped ``--api-key sk-...`` is never echoed back."""
 
@@ -288,6 +295,7 @@ class Command(BaseCommand):
             "base_url_host": version.base_url_host,
             "effective_at": _timestamp(version.effective_at),
             "key_configured": bool(version.key_configured),
+            "key_fingerprint": version.key_fingerprint or None,
         }
 
     def _variants(self, experiment: Experiment) -> list[dict[str, Any]]:
@@ -331,7 +339,11 @@ class Command(BaseCommand):
 
     def _cmd_show(self, options: dict[str, Any]) -> None:
         experiment = self._experiment(options["id"])
-        summary = {**self._summary(experiment), "variants": self._variants(experiment)}
+        summary = {
+            **self._summary(experiment),
+            "variants": self._variants(experiment),
+            "key_warnings": services.key_warnings(experiment),
+        }
         lines = [
             f"Experiment {summary['id']}",
             *(
@@ -349,6 +361,7 @@ class Command(BaseCommand):
             ),
             "",
             *self._variant_lines(summary["variants"]),
+            *(f"WARNING: {_one_line(warning)}" for warning in summary["key_warnings"]),
         ]
         self._emit(lines, {"experiment": summary})
 
@@ -371,7 +384,7 @@ class Command(BaseCommand):
                     cp.get("id", "-"),
                     cp.get("base_url_host", "-"),
                     cp.get("effective_at", "-"),
-                    "configured" if cp.get("key_configured") else "-",
+                    _key_cell(cp),
                 )
             )
         return ["Variants (id order, the order users are bucketed in):", *_table(headers, rows)]
