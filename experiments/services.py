@@ -482,8 +482,8 @@ def key_warnings(experiment: Experiment) -> list[str]:
     return [
         f"Slot {label!r}: its checkpoint {version.internal_id!r} was encrypted under key "
         f"{version.key_fingerprint}, but the key in use here is {_key_in_use()}. A gateway "
-        "with this key cannot decrypt it (503): run every process with the key that "
-        "encrypted it, or rotate the slot's key."
+        "running with this key cannot decrypt it (503): run every process, gateway and "
+        "commands, with the same key."
         for label, version in _current_versions(experiment)
         if version.key_fingerprint and version.key_fingerprint != current
     ]
