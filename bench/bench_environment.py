@@ -6,6 +6,7 @@ mx_bench; created and migrated here), BENCH_REDIS_URL (default redis://127.0.0.1
 
 from __future__ import annotations
 
+import base64
 import os
 import platform
 import subprocess
@@ -31,13 +32,13 @@ def configure_environment() -> dict[str, str]:
     os.environ["REDIS_URL"] = os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
     os.environ["CACHE_KEY_PREFIX"] = "mxbench"
     os.environ["DEBUG"] = "false"
+    # A server with DEBUG off refuses the development SECRET_KEY (config/startup.py).
+    os.environ.setdefault("SECRET_KEY", base64.b64encode(os.urandom(32)).decode())
     os.environ["LOG_LEVEL"] = "WARNING"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     os.environ.pop("TEST_DATABASE_NAME", None)
     os.environ.pop("GATEWAY_DEFAULT_UPSTREAM_BASE_URL", None)
     if not os.environ.get("BYOK_ENCRYPTION_KEY"):
-        import base64
-
         os.environ["BYOK_ENCRYPTION_KEY"] = base64.b64encode(os.urandom(32)).decode()
     os.environ.setdefault("PROMPT_STORE_DIR", str(ROOT / "var" / "bench-prompts"))
     return dict(os.environ)

@@ -22,6 +22,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django_application = get_asgi_application()
 
 from config.gateway_handler import GatewayASGIHandler, is_gateway_path  # noqa: E402
+from config.startup import check_server_settings  # noqa: E402
+
+check_server_settings()
 
 logger = logging.getLogger("gateway.lifespan")
 

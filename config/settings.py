@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -35,12 +36,40 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()] if raw else default
 
 
+def env_pair(name: str) -> tuple[str, str] | None:
+    """``"A,B"`` -> ``("A", "B")``; unset -> None. Anything else is a configuration error."""
+    items = env_list(name, [])
+    if not items:
+        return None
+    if len(items) != 2:
+        raise ImproperlyConfigured(
+            f"{name} must be two comma-separated values, e.g. HTTP_X_FORWARDED_PROTO,https."
+        )
+    return items[0], items[1]
+
+
 DEBUG = env_bool("DEBUG", False)
-# A fixed development key is only acceptable when DEBUG is on or nothing is
-# configured (local try-out); production deployments set SECRET_KEY.
-SECRET_KEY = os.environ.get("SECRET_KEY") or "insecure-local-development-key-change-me"
+#: Fine for DEBUG on a developer's machine only: sessions, CSRF tokens and password
+#: reset links signed with a published key can be forged. ``config.startup`` makes a
+#: server with DEBUG off refuse to start on it.
+DEVELOPMENT_SECRET_KEY = "insecure-local-development-key-change-me"  # noqa: S105
+SECRET_KEY = os.environ.get("SECRET_KEY") or DEVELOPMENT_SECRET_KEY
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# --- Transport security (behind HTTPS, turn these on) -----------------------
+# Off by default so `bash .ci/demo` works over plain http on localhost.
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+# HSTS pins browsers to https for this long: 0 (off) until the site is known to
+# work over https, because browsers remember it.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# Opt-in, and only behind a proxy that sets this header itself (e.g.
+# "HTTP_X_FORWARDED_PROTO,https"): otherwise a client could claim https.
+SECURE_PROXY_SSL_HEADER = env_pair("SECURE_PROXY_SSL_HEADER")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

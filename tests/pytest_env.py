@@ -7,3 +7,6 @@ import os
 
 TEST_ENCRYPTION_KEY = "q2V4cGVyaW1lbnRzLXRlc3Qta2V5LTMyLWJ5dGVzISE="
 os.environ.setdefault("BYOK_ENCRYPTION_KEY", TEST_ENCRYPTION_KEY)
+# Servers refuse the development SECRET_KEY with DEBUG off (config/startup.py); the
+# gateway subprocesses of the tests run with DEBUG off, as in production.
+os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-any-deployment-7c1d")
