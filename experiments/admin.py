@@ -468,6 +468,12 @@ class ExperimentAdmin(admin.ModelAdmin):
     # --- actions --------------------------------------------------------------------
 
     def changelist_view(self, request, extra_context=None):
+        if any("\x00" in value for values in request.GET.lists() for value in values[1]):
+            # PostgreSQL text cannot hold NUL: filtering by it would be a server error.
+            self.message_user(
+                request, "A filter contained a NUL character; filters were reset.", messages.ERROR
+            )
+            return HttpResponseRedirect(reverse("admin:experiments_experiment_changelist"))
         chosen = request.POST.get("action") if request.method == "POST" else None
         if chosen and chosen not in self.get_actions(request):
             # A viewer posting an action is refused outright, not silently ignored.

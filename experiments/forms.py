@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.core.exceptions import ValidationError
 from django_jsonform.utils import join_coords
 from django_jsonform.widgets import JSONFormWidget
 
@@ -77,6 +78,20 @@ class UpstreamEditorField(forms.JSONField):
     def __init__(self, **kwargs):
         kwargs.setdefault("widget", JSONFormWidget(schema=upstream_json_schema))
         super().__init__(**kwargs)
+
+    def to_python(self, value: Any) -> Any:
+        try:
+            return super().to_python(value)
+        except RecursionError:  # the JSON parser recurses once per nesting level
+            raise ValidationError(
+                "The upstream JSON is nested too deeply.", code="invalid"
+            ) from None
+
+    def bound_data(self, data: Any, initial: Any) -> Any:
+        try:
+            return super().bound_data(data, initial)
+        except RecursionError:  # re-shown after the error: start from the form's value
+            return initial
 
     def show_errors_in_editor(self, errors: dict[str, list[str]]) -> None:
         """Highlight the offending inputs inside the editor too."""

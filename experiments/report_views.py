@@ -310,6 +310,11 @@ def _feedback_ids(request: HttpRequest) -> list[str]:
     ids = _ids_from_csv(upload) if upload else []
     ids += [line.strip() for line in request.POST.get("ids", "").splitlines() if line.strip()]
     unique = list(dict.fromkeys(ids))
+    if any("\x00" in client_request_id for client_request_id in unique):
+        # PostgreSQL text cannot hold NUL, so no stored id can match it.
+        raise FeedbackInputError(
+            "A client request id contains a NUL character; nothing was looked up."
+        )
     if not unique:
         raise FeedbackInputError("Paste at least one client request id or upload a CSV file.")
     if len(unique) > FEEDBACK_MAX_IDS:

@@ -963,6 +963,9 @@ class BrowserFilters:
             and not (self.status.isdigit() and 100 <= int(self.status) <= 599)
         ):
             raise ReportInputError("Status must be 'ok', 'error' or an HTTP status code.")
+        if self.client_request_id is not None and "\x00" in self.client_request_id:
+            # PostgreSQL text cannot hold NUL, so no stored id can match it.
+            raise ReportInputError("The client request id filter contains a NUL character.")
 
     def q(self) -> Q:
         condition = Q()

@@ -97,10 +97,42 @@ class UpstreamInvalid(Exception):
         super().__init__("; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in errors.items()))
 
 
+#: ``extra_body`` is shallow-merged into request bodies; nothing legitimate nests deeper.
+MAX_NESTING = 32
+
+
+def _nul_or_depth_error(raw: Any) -> dict[str, list[str]] | None:
+    """The first NUL character (PostgreSQL cannot store it) or over-deep nesting, if any.
+
+    Walked with an explicit stack: recursion is what a deeply nested document breaks.
+    """
+    stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        location = where or "upstream"
+        if depth > MAX_NESTING:
+            return {location: [f"is nested more than {MAX_NESTING} levels deep"]}
+        if isinstance(node, str) and "\x00" in node:
+            return {location: ["must not contain a NUL character"]}
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return {location: ["must not have a key containing a NUL character"]}
+                stack.append((value, f"{where}.{key}" if where else str(key), depth + 1))
+        elif isinstance(node, list):
+            stack.extend(
+                (item, f"{location}.{index}", depth + 1) for index, item in enumerate(node)
+            )
+    return None
+
+
 def validate_upstream(raw: Any) -> dict[str, Any]:
     """Validate against the allowlist; return the normalized JSON to store (no nulls)."""
     if not isinstance(raw, dict):
         raise UpstreamInvalid({"upstream": ["must be a JSON object"]})
+    problem = _nul_or_depth_error(raw)
+    if problem:
+        raise UpstreamInvalid(problem)
     try:
         document = json.dumps(raw, allow_nan=False)
     except (TypeError, ValueError):

@@ -548,6 +548,10 @@ class Command(BaseCommand):
             raise CommandError(f"The {source} is larger than {MAX_UPSTREAM_FILE_BYTES} bytes.")
         try:
             return json.loads(text)
+        except RecursionError:
+            raise CommandError(
+                f"The {source} is nested too deeply to be an upstream configuration."
+            ) from None
         except json.JSONDecodeError as exc:
             # Position only: the file's text is never echoed (it might hold a key by mistake).
             raise CommandError(

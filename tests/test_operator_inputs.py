@@ -1,0 +1,113 @@
+"""Admin and command inputs (issue 7, item 12): hostile input gets a one-line reason and
+changes nothing; exports are safe to open in a spreadsheet; prompts need their own
+permission; a refused hot-swap never shows the pasted key back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.contrib.messages import get_messages
+from django.urls import reverse
+
+from experiments.models import VariantVersion
+from tests.factories import SuperUserFactory, make_experiment, upstream_config
+from tests.test_commands import db_state, refusal
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def admin_client(client):
+    client.force_login(SuperUserFactory())
+    return client
+
+
+def nested(depth: int) -> object:
+    value: object = "leaf"
+    for _ in range(depth):
+        value = {"deeper": value}
+    return value
+
+
+# --- NUL bytes in filters -----------------------------------------------------------------
+
+
+def test_request_browser_refuses_a_nul_in_the_client_request_id_filter(admin_client):
+    experiment = make_experiment()
+    response = admin_client.get(
+        reverse("experiments_experiment_requests", args=[experiment.pk]),
+        {"client_request_id": "req\x00-1"},
+    )
+    assert response.status_code == 400
+    assert response.context["error"] == "The client request id filter contains a NUL character."
+
+
+def test_feedback_join_refuses_a_nul_in_a_pasted_id(admin_client):
+    experiment = make_experiment()
+    response = admin_client.post(
+        reverse("experiments_experiment_feedback", args=[experiment.pk]),
+        {"ids": "req-1\nreq\x00-2"},
+    )
+    assert response.status_code == 400
+    assert response.context["error"] == (
+        "A client request id contains a NUL character; nothing was looked up."
+    )
+
+
+def test_changelist_filter_with_a_nul_is_reset_with_a_reason(admin_client):
+    make_experiment()
+    changelist = reverse("admin:experiments_experiment_changelist")
+    response = admin_client.get(changelist + "?status__exact=%00", follow=True)
+    assert response.redirect_chain == [(changelist, 302)]
+    assert [str(m) for m in get_messages(response.wsgi_request)] == [
+        "A filter contained a NUL character; filters were reset."
+    ]
+
+
+# --- upstream documents -------------------------------------------------------------------
+
+HOSTILE_UPSTREAMS = pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        (
+            json.dumps(upstream_config(internal_id="rc\x00x")),
+            "internal_id: must not contain a NUL character",
+        ),
+        (
+            json.dumps({**upstream_config(), "extra_body": {"a\x00": 1}}),
+            "extra_body: must not have a key containing a NUL character",
+        ),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (
+            json.dumps({**upstream_config(), "extra_body": nested(40)}),
+            "is nested more than 32 levels deep",
+        ),
+    ],
+    ids=["nul-in-value", "nul-in-key", "deeper-than-the-parser", "deeper-than-allowed"],
+)
+
+
+@HOSTILE_UPSTREAMS
+def test_swap_refuses_a_hostile_upstream_file_in_one_line_and_changes_nothing(
+    tmp_path, document, reason
+):
+    variant = make_experiment().variants.first()
+    path = tmp_path / "upstream.json"
+    path.write_text(document)
+    before = db_state()
+    assert reason in refusal("swap", str(variant.pk), "--upstream-file", str(path))
+    assert db_state() == before
+
+
+@HOSTILE_UPSTREAMS
+def test_hot_swap_page_refuses_a_hostile_upstream_next_to_the_field(admin_client, document, reason):
+    variant = make_experiment().variants.first()
+    response = admin_client.post(
+        reverse("admin:experiments_experiment_hot_swap", args=[variant.experiment_id, variant.pk]),
+        {"upstream": document, "api_key": ""},
+    )
+    assert response.status_code == 200
+    errors = response.context["form"].errors["upstream"]
+    assert any(reason.split(": ")[-1] in error for error in errors), errors
+    assert VariantVersion.objects.filter(variant=variant).count() == 1
