@@ -4,15 +4,18 @@ permission; a refused hot-swap never shows the pasted key back."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import pytest
 from django.contrib.messages import get_messages
 from django.urls import reverse
 
+from experiments import services
 from experiments.models import VariantVersion
 from tests.factories import SuperUserFactory, make_experiment, upstream_config
-from tests.test_commands import db_state, refusal
+from tests.test_commands import db_state, refusal, run
 
 pytestmark = pytest.mark.django_db
 
@@ -111,3 +114,22 @@ def test_hot_swap_page_refuses_a_hostile_upstream_next_to_the_field(admin_client
     errors = response.context["form"].errors["upstream"]
     assert any(reason.split(": ")[-1] in error for error in errors), errors
     assert VariantVersion.objects.filter(variant=variant).count() == 1
+
+
+# --- CSV export ---------------------------------------------------------------------------
+
+
+def test_csv_report_neutralises_cells_a_spreadsheet_would_run_as_formulas():
+    experiment = services.create_experiment(public_model_id="kilo/preview-csv", name="CSV")
+    typed = {"=HYPERLINK(1)": "\tcmd", "+1": "=cmd", "-1": "-cmd", "@SUM(1)": "\rcmd"}
+    for label, internal_id in typed.items():
+        variant = services.add_variant(experiment=experiment, label=label, weight=1)
+        services.hot_swap(
+            variant=variant, upstream=upstream_config(internal_id=internal_id), api_key="sk-x"
+        )
+    out, _ = run(str(experiment.pk), "--format", "csv", command="experiment_report")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert {row["slot"]: row["internal_id"] for row in rows} == {
+        f"'{label}": f"'{internal_id}" for label, internal_id in typed.items()
+    }
+    assert {row["requests"] for row in rows} == {"0"}  # numbers stay numbers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import uuid
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -43,6 +44,20 @@ CSV_COLUMNS = [
     "input_tokens",
     "output_tokens",
 ]
+
+
+#: A spreadsheet reads a cell starting with one of these as a formula (OWASP, "CSV injection").
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """Text that a spreadsheet would run as a formula, made inert with a leading quote.
+
+    Labels and internal ids are typed by staff or partners; numbers are ours and stay numbers.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS):
+        return "'" + value
+    return value
 
 
 def _iso(moment) -> str | None:
@@ -258,9 +273,13 @@ class Command(BaseCommand):
         if fmt == "json":
             self.stdout.write(json.dumps(report_record(report), indent=2))
         elif fmt == "csv":
-            writer = csv.DictWriter(self.stdout, fieldnames=CSV_COLUMNS, lineterminator="\n")
+            # RFC 4180 line ends: the writer then also quotes a cell holding a bare CR,
+            # which with "\n" alone it leaves bare and so breaks the row.
+            writer = csv.DictWriter(self.stdout, fieldnames=CSV_COLUMNS, lineterminator="\r\n")
             writer.writeheader()
             for checkpoint in report.checkpoints:
-                writer.writerow(checkpoint_record(checkpoint))
+                writer.writerow(
+                    {name: csv_safe(value) for name, value in checkpoint_record(checkpoint).items()}
+                )
         else:
             self.stdout.write(render_table(report), ending="")
