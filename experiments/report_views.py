@@ -44,6 +44,8 @@ from experiments.reports import (
 )
 
 VIEW_PERMISSION = "experiments.view_experiment"
+#: Prompts are user content: seeing an experiment's results does not imply reading them.
+PROMPT_PERMISSION = "experiments.view_prompt"
 WINDOWS = {
     "hour": ("Last hour", timedelta(hours=1)),
     "day": ("Last day", timedelta(days=1)),
@@ -266,7 +268,11 @@ def experiment_request_detail(
         experiment,
         "Request",
         row=row,
-        prompt=inflate_prompt(row.request_body_sha256),
+        prompt=(
+            inflate_prompt(row.request_body_sha256)
+            if request.user.has_perm(PROMPT_PERMISSION)
+            else None
+        ),
         back=request.GET.get("back", ""),
     )
     return render(request, "admin/experiments/experiment/request_detail.html", context)

@@ -13,8 +13,11 @@ from django.contrib.messages import get_messages
 from django.urls import reverse
 
 from experiments import services
-from experiments.models import VariantVersion
+from experiments.models import ExperimentRequest, VariantVersion
+from gateway.prompt_store import get_prompt_store
 from tests.factories import SuperUserFactory, make_experiment, upstream_config
+from tests.report_seed import seed_experiment
+from tests.test_admin import staff_with
 from tests.test_commands import db_state, refusal, run
 
 pytestmark = pytest.mark.django_db
@@ -133,3 +136,36 @@ def test_csv_report_neutralises_cells_a_spreadsheet_would_run_as_formulas():
         f"'{label}": f"'{internal_id}" for label, internal_id in typed.items()
     }
     assert {row["requests"] for row in rows} == {"0"}  # numbers stay numbers
+
+
+# --- prompts need their own permission ----------------------------------------------------
+
+PROMPT_TEXT = "a private question only prompt readers may see"
+
+
+@pytest.fixture
+def stored_prompt(tmp_path, settings):
+    settings.PROMPT_STORE_DIR = tmp_path / "prompts"
+    seeded = seed_experiment(subjects=3, requests=3)
+    body = {"model": "kilo/preview-foo", "messages": [{"role": "user", "content": PROMPT_TEXT}]}
+    sha256 = get_prompt_store().put(json.dumps(body, separators=(",", ":")).encode())
+    row = seeded.requests[0]
+    ExperimentRequest.objects.filter(usage_id=row.usage_id).update(request_body_sha256=sha256)
+    return reverse(
+        "experiments_experiment_request_detail", args=[seeded.experiment.pk, row.usage_id]
+    )
+
+
+def test_viewer_without_the_prompt_permission_is_told_prompts_need_it(client, stored_prompt):
+    client.force_login(staff_with("view_experiment"))
+    response = client.get(stored_prompt)
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert PROMPT_TEXT not in page
+    assert "Reading prompts needs its own permission" in page
+    assert "experiments.view_prompt" in page
+
+
+def test_prompt_permission_lets_a_viewer_read_the_prompt(client, stored_prompt):
+    client.force_login(staff_with("view_experiment", "view_prompt"))
+    assert PROMPT_TEXT in client.get(stored_prompt).content.decode()
