@@ -623,6 +623,8 @@ class ExperimentAdmin(admin.ModelAdmin):
                     messages.SUCCESS,
                 )
                 return self._back_to_experiment(variant)
+        if form.is_bound:
+            form.redact_for_redisplay()
         return self._checkpoint_page(
             request,
             variant,

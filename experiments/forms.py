@@ -6,6 +6,7 @@ field it names by ``show_service_error``, so staff see why nothing was saved.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django import forms
@@ -131,6 +132,8 @@ class HotSwapForm(forms.Form):
         super().__init__(*args, **kwargs)
         if key_required:
             self.fields["api_key"].help_text = "Required: this slot has no checkpoint yet."
+        #: Upstream locations the validator refused ("base_url", "extra_body.x", ...).
+        self.refused_locations: set[str] = set()
 
     def clean_upstream(self) -> Any:
         return editor_value_to_upstream(self.cleaned_data["upstream"])
@@ -138,7 +141,49 @@ class HotSwapForm(forms.Form):
     def show_service_error(self, error: ExperimentError) -> None:
         show_service_error(self, error)
         if isinstance(error, InvalidInput) and error.field == "upstream" and error.errors:
+            self.refused_locations = set(error.errors)
             self.fields["upstream"].show_errors_in_editor(error.errors)
+
+    def redact_for_redisplay(self) -> None:
+        """Show a refused submission again without anything that may be a partner key.
+
+        The key input is never rendered back; the upstream editor would be, and a key
+        pasted into it is the likeliest thing to be refused (an ``api_key`` field, a key
+        as ``base_url``). So refused values, and any text holding the submitted key, are
+        left out; unreadable JSON shows the form's starting point instead.
+        """
+        try:
+            submitted = json.loads(self.data.get("upstream") or "")
+        except (ValueError, RecursionError):
+            submitted = None
+        if not isinstance(submitted, dict) or "upstream" in self.refused_locations:
+            shown = self.initial.get("upstream") or {}
+        else:
+            key = (self.data.get("api_key") or "").strip()
+            shown = _without_refused_or_key(submitted, self.refused_locations, key, "")
+        data = self.data.copy()
+        data["upstream"] = json.dumps(shown)
+        self.data = data
+
+
+def _without_refused_or_key(value: Any, refused: set[str], key: str, where: str) -> Any:
+    if isinstance(value, dict):
+        kept = {}
+        for name, item in value.items():
+            location = f"{where}.{name}" if where else str(name)
+            if location in refused or (key and key in str(name)):
+                continue
+            kept[name] = _without_refused_or_key(item, refused, key, location)
+        return kept
+    if isinstance(value, list):
+        return [
+            _without_refused_or_key(item, refused, key, f"{where}.{index}")
+            for index, item in enumerate(value)
+            if f"{where}.{index}" not in refused
+        ]
+    if isinstance(value, str) and key and key in value:
+        return ""
+    return value
 
 
 class RotateKeyForm(forms.Form):

@@ -169,3 +169,55 @@ def test_viewer_without_the_prompt_permission_is_told_prompts_need_it(client, st
 def test_prompt_permission_lets_a_viewer_read_the_prompt(client, stored_prompt):
     client.force_login(staff_with("view_experiment", "view_prompt"))
     assert PROMPT_TEXT in client.get(stored_prompt).content.decode()
+
+
+# --- a refused form never shows the pasted key ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        lambda key: {**upstream_config(internal_id="rc-kept"), "api_key": key},
+        lambda key: upstream_config(internal_id="rc-kept", base_url=key),
+        lambda key: {
+            **upstream_config(internal_id="rc-kept", base_url="ftp://partner.example"),
+            "extra_body": {"authorization": f"Bearer {key}"},
+        },
+        lambda key: '{"internal_id": "rc-kept", "base_url": "' + key,
+    ],
+    ids=["as-api_key-field", "as-base_url", "inside-extra_body", "in-unreadable-json"],
+)
+def test_key_pasted_into_a_refused_hot_swap_is_never_shown_back(admin_client, canary_key, pasted):
+    variant = make_experiment().variants.first()
+    upstream = pasted(canary_key)
+    response = admin_client.post(
+        reverse("admin:experiments_experiment_hot_swap", args=[variant.experiment_id, variant.pk]),
+        {
+            "upstream": upstream if isinstance(upstream, str) else json.dumps(upstream),
+            "api_key": canary_key,
+        },
+    )
+    assert response.status_code == 200 and response.context["form"].errors
+    assert canary_key not in response.content.decode()
+    assert VariantVersion.objects.filter(variant=variant).count() == 1
+
+
+def test_refused_hot_swap_still_shows_the_fields_that_were_fine(admin_client, canary_key):
+    variant = make_experiment().variants.first()
+    response = admin_client.post(
+        reverse("admin:experiments_experiment_hot_swap", args=[variant.experiment_id, variant.pk]),
+        {"upstream": json.dumps(upstream_config(internal_id="rc-kept", base_url=canary_key))},
+    )
+    assert "rc-kept" in response.content.decode()
+
+
+def test_key_pasted_into_a_refused_rotation_is_never_shown_back(admin_client, canary_key):
+    variant = make_experiment(status="completed").variants.first()
+    response = admin_client.post(
+        reverse(
+            "admin:experiments_experiment_rotate_key", args=[variant.experiment_id, variant.pk]
+        ),
+        {"api_key": canary_key},
+    )
+    assert response.status_code == 200 and response.context["form"].errors
+    assert canary_key not in response.content.decode()
