@@ -227,6 +227,13 @@ def test_hot_swap_keeping_the_key_keeps_the_fingerprint_of_the_key_that_encrypte
     assert version.key_fingerprint == fingerprint(OTHER_KEY)
 
 
+def test_hot_swap_keeping_a_key_of_unknown_fingerprint_records_the_key_that_opens_it(settings):
+    variant = make_experiment().variants.first()
+    VariantVersion.objects.filter(variant=variant).update(key_fingerprint="")  # a pre-0004 row
+    version = services.hot_swap(variant=variant, upstream=upstream_config(internal_id="rc-next"))
+    assert version.key_fingerprint == fingerprint(settings.BYOK_ENCRYPTION_KEY)
+
+
 # --- activation -------------------------------------------------------------------------------
 
 

@@ -77,6 +77,14 @@ def test_startup_check_allows_the_development_key_with_debug_on(settings):
     check_server_settings()
 
 
+def test_startup_names_an_unusable_encryption_key_without_refusing_to_serve(settings, caplog):
+    settings.BYOK_ENCRYPTION_KEY = ""
+    check_server_settings()
+    [record] = [r for r in caplog.records if r.name == "config.startup"]
+    assert "BYOK_ENCRYPTION_KEY is not set" in record.getMessage()
+    assert "Experimented model ids answer 503" in record.getMessage()
+
+
 def test_cookie_and_hsts_settings_default_to_plain_http():
     result = settings_in_a_fresh_process()
     assert result.returncode == 0, result.stderr
