@@ -234,6 +234,8 @@ GATEWAY_TRUSTED_PROXIES = env_int("GATEWAY_TRUSTED_PROXIES", 0)
 GATEWAY_UPSTREAM_TIMEOUT = env_float("GATEWAY_UPSTREAM_TIMEOUT", 120.0)
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", 5.0)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024)
+# Largest single SSE event accepted from a partner; a bigger one ends the stream (502).
+GATEWAY_MAX_SSE_EVENT_BYTES = env_int("GATEWAY_MAX_SSE_EVENT_BYTES", 8 * 1024 * 1024)
 # How long a worker trusts its in-process membership copy before asking Redis.
 GATEWAY_MEMBERSHIP_TTL_SECONDS = env_float("GATEWAY_MEMBERSHIP_TTL_SECONDS", 1.0)
 # How long a worker trusts a verified (or unknown) token hash: the revocation delay.
@@ -257,7 +259,5 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
-        # httpx logs every upstream request at INFO: per-request noise on the gateway's hot path.
-        "httpx": {"level": "WARNING"},
     },
 }

@@ -113,6 +113,16 @@ def upstream_malformed() -> GatewayError:
     )
 
 
+def upstream_cut() -> GatewayError:
+    """The partner's response broke off after it had started."""
+    return GatewayError(
+        502,
+        "The model provider ended the response early.",
+        error_type="upstream_error",
+        code="upstream_stream_cut",
+    )
+
+
 def upstream_timeout() -> GatewayError:
     return GatewayError(
         504,

@@ -14,8 +14,8 @@ import logging
 import time
 from typing import Any
 
-import httpx
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import connection
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
@@ -30,7 +30,12 @@ from gateway.routing import Route, RoutingUnavailable, router
 from gateway.streaming import EventRewriter, MalformedEvent, error_event, sse_events
 from gateway.subjects import allocation_subject
 from gateway.transforms import transform_body
-from gateway.upstream_client import fetch_default_models, shared_client, upstream_request
+from gateway.upstream_client import (
+    UpstreamResponse,
+    fetch_default_models,
+    shared_client,
+    upstream_request,
+)
 from gateway.usage import Attribution, UsageRecord, writer
 
 logger = logging.getLogger(__name__)
@@ -189,39 +194,30 @@ async def proxy(request, kind: str) -> HttpResponse:
 
 
 async def call_upstream(request, exchange: Exchange, route: Route, kind: str) -> HttpResponse:
-    blinder = Blinder(route.public_model_id, route.internal_id, route.upstream_texts)
+    blinder = Blinder.for_route(route)
     exchange.tokens = blinder.usage
-    client = shared_client.get()
-    outgoing = upstream_request(client, request, route, kind, exchange.upstream_body)
-    try:
-        upstream = await client.send(outgoing, stream=True)
-    except httpx.TimeoutException:
-        raise errors.upstream_timeout() from None
-    except httpx.HTTPError:
-        raise errors.upstream_unreachable() from None
-
-    is_event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
-    if upstream.status_code < 400 and is_event_stream:
+    upstream = await shared_client.send(
+        upstream_request(request, route, kind, exchange.upstream_body)
+    )
+    if upstream.status < 400 and upstream.is_event_stream:
         exchange.first_byte()
         return StreamingHttpResponse(
             relay(exchange, upstream, EventRewriter(blinder), kind),
             content_type="text/event-stream; charset=utf-8",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
+    read_whole = False
     try:
-        raw = await upstream.aread()
-    except httpx.TimeoutException:
-        raise errors.upstream_timeout() from None
-    except httpx.HTTPError:
-        raise errors.upstream_unreachable() from None
+        raw = await upstream.read()
+        read_whole = True
     finally:
-        await upstream.aclose()
+        upstream.close(reusable=read_whole)
     exchange.first_byte()
-    if upstream.status_code >= 400:
-        exchange.failed(upstream.status_code, f"upstream_http_{upstream.status_code}")
+    if upstream.status >= 400:
+        exchange.failed(upstream.status, f"upstream_http_{upstream.status}")
         response = HttpResponse(
-            blinder.error_body(raw, upstream.status_code),
-            status=upstream.status_code,
+            blinder.error_body(raw, upstream.status),
+            status=upstream.status,
             content_type="application/json",
         )
     else:
@@ -229,40 +225,36 @@ async def call_upstream(request, exchange: Exchange, route: Route, kind: str) ->
             content = blinder.body(raw)
         except (ValueError, UnicodeDecodeError):
             raise errors.upstream_malformed() from None
-        response = HttpResponse(
-            content, status=upstream.status_code, content_type="application/json"
-        )
+        response = HttpResponse(content, status=upstream.status, content_type="application/json")
     for name, value in client_headers(upstream.headers).items():
         response[name] = value
     return response
 
 
-async def relay(exchange: Exchange, upstream: httpx.Response, rewriter: EventRewriter, kind: str):
+async def relay(exchange: Exchange, upstream: UpstreamResponse, rewriter: EventRewriter, kind: str):
     """Relay events as they arrive; end with an error event if the upstream fails mid-way."""
     completed = False
     try:
         fault: GatewayError | None = None
         try:
-            async for raw in sse_events(upstream.aiter_bytes()):
-                yield rewriter.event(raw)
+            async for raw in sse_events(
+                upstream.chunks(), max_event_bytes=settings.GATEWAY_MAX_SSE_EVENT_BYTES
+            ):
+                out = rewriter.event(raw)
+                if out:
+                    yield out
             if not rewriter.finished:
-                fault = GatewayError(
-                    502,
-                    "The model provider ended the stream early.",
-                    error_type="upstream_error",
-                    code="upstream_stream_cut",
-                )
+                fault = errors.upstream_cut()
         except MalformedEvent:
             fault = errors.upstream_malformed()
-        except httpx.TimeoutException:
-            fault = errors.upstream_timeout()
-        except httpx.HTTPError:
-            fault = GatewayError(
-                502,
-                "The model provider ended the stream early.",
-                error_type="upstream_error",
-                code="upstream_stream_cut",
-            )
+        except GatewayError as exc:
+            fault = exc
+        try:
+            held = rewriter.flush()
+        except MalformedEvent:
+            held, fault = b"", fault or errors.upstream_malformed()
+        if held:
+            yield held
         if fault is not None:
             # Headers (200) are already sent: the status stays, the error is in the stream.
             exchange.error_kind = fault.error_kind
@@ -278,7 +270,7 @@ async def relay(exchange: Exchange, upstream: httpx.Response, rewriter: EventRew
             exchange.failed(CLIENT_CLOSED_REQUEST, "client_disconnected")
         # Closing a broken connection can fail; there is nothing more to learn from it.
         with contextlib.suppress(Exception):
-            await upstream.aclose()
+            upstream.close(reusable=completed and fault is None)
         exchange.record()
 
 
