@@ -236,6 +236,8 @@ GATEWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT",
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024)
 # Largest single SSE event accepted from a partner; a bigger one ends the stream (502).
 GATEWAY_MAX_SSE_EVENT_BYTES = env_int("GATEWAY_MAX_SSE_EVENT_BYTES", 8 * 1024 * 1024)
+# Largest non-streamed partner response (after decoding) a worker buffers; more is a 502.
+GATEWAY_MAX_UPSTREAM_BODY_BYTES = env_int("GATEWAY_MAX_UPSTREAM_BODY_BYTES", 64 * 1024 * 1024)
 # How long a worker trusts its in-process membership copy before asking Redis.
 GATEWAY_MEMBERSHIP_TTL_SECONDS = env_float("GATEWAY_MEMBERSHIP_TTL_SECONDS", 1.0)
 # How long a worker trusts a verified (or unknown) token hash: the revocation delay.

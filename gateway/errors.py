@@ -123,6 +123,15 @@ def upstream_cut() -> GatewayError:
     )
 
 
+def upstream_too_large() -> GatewayError:
+    return GatewayError(
+        502,
+        "The model provider returned a response larger than the gateway accepts.",
+        error_type="upstream_error",
+        code="upstream_too_large",
+    )
+
+
 def upstream_timeout() -> GatewayError:
     return GatewayError(
         504,

@@ -97,9 +97,23 @@ class UpstreamResponse:
     def is_event_stream(self) -> bool:
         return self._response.content_type == "text/event-stream"
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int) -> bytes:
+        """The whole body, at most ``limit`` bytes after decoding; more is a 502.
+
+        A careless partner (or a compression bomb) must not make a worker buffer without
+        bound: a declared length over the limit is refused before reading, an undeclared
+        one is cut off as soon as it passes the limit.
+        """
+        declared = self._response.content_length
+        if declared is not None and declared > limit:
+            raise errors.upstream_too_large()
+        body = bytearray()
         with _mapped_errors(body_started=True):
-            return await self._response.read()
+            async for chunk in self._response.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise errors.upstream_too_large()
+        return bytes(body)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Whatever arrived, as it arrives (so SSE events are relayed without waiting)."""
@@ -168,7 +182,9 @@ class UpstreamClient:
             async with self.session().get(url, headers=headers, allow_redirects=False) as response:
                 if response.status >= 400:
                     raise errors.upstream_malformed()
-                raw = await response.read()
+                raw = await UpstreamResponse(response).read(
+                    settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES
+                )
         return json.loads(raw)
 
     async def aclose(self) -> None:

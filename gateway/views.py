@@ -208,7 +208,7 @@ async def call_upstream(request, exchange: Exchange, route: Route, kind: str) ->
         )
     read_whole = False
     try:
-        raw = await upstream.read()
+        raw = await upstream.read(settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES)
         read_whole = True
     finally:
         upstream.close(reusable=read_whole)

@@ -175,7 +175,7 @@ def test_no_cookie_set_by_the_partner_is_sent_back_on_the_next_request():
             base = base.replace("127.0.0.1", "localhost")
             for _ in range(2):
                 response = await client.send(post(base + "/x"))
-                assert await response.read() == b"{}"
+                assert await response.read(1024) == b"{}"
                 response.close(reusable=True)
 
     run(scenario())
@@ -201,9 +201,50 @@ def test_request_headers_and_body_reach_the_partner_unchanged():
         async with serving(records) as base, partner_client() as client:
             outgoing = UpstreamRequest(base + "/x", {"authorization": "Bearer k"}, b'{"a":1}')
             response = await client.send(outgoing)
-            await response.read()
+            await response.read(1024)
             response.close(reusable=True)
 
     run(scenario())
     assert b"authorization: bearer k" in seen["head"]
     assert seen["body"] == b'{"a":1}'
+
+
+def _answer_of_size(size: int, *, declared: bool) -> Handler:
+    async def answers(reader, writer):
+        await read_request(reader)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        head += b"content-length: %d\r\n\r\n" % size if declared else b"connection: close\r\n\r\n"
+        writer.write(head)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // 65536):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        writer.close()
+
+    return answers
+
+
+def body_read_from(handler: Handler, limit: int) -> tuple[bytes | None, GatewayError | None]:
+    async def scenario():
+        async with serving(handler) as base, partner_client() as client:
+            response = await client.send(post(base + "/x"))
+            try:
+                return await response.read(limit), None
+            except GatewayError as error:
+                return None, error
+            finally:
+                response.close(reusable=False)
+
+    return run(scenario())
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "undeclared"])
+def test_a_body_over_the_limit_is_502_upstream_too_large(declared):
+    body, error = body_read_from(_answer_of_size(4 * 65536, declared=declared), 65536)
+    assert body is None
+    assert (error.status, error.code) == (502, "upstream_too_large")
+
+
+def test_a_body_at_the_limit_is_read_whole():
+    body, error = body_read_from(_answer_of_size(65536, declared=False), 65536)
+    assert error is None and body == b"x" * 65536
