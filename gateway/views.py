@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -20,7 +21,6 @@ from django.db import connection
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
 
 from experiments.models import RequestKind
 from gateway import auth, errors
@@ -282,25 +282,48 @@ async def relay(exchange: Exchange, upstream: httpx.Response, rewriter: EventRew
         exchange.record()
 
 
+def allow_methods(*methods: str):
+    """Django's ``require_http_methods`` with an OpenAI-shaped 405 (and its ``Allow``)."""
+
+    def decorator(view):
+        @functools.wraps(view)
+        async def checked(request, *args, **kwargs) -> HttpResponse:
+            if request.method not in methods:
+                response = errors.method_not_allowed(methods).response()
+                response["Allow"] = ", ".join(methods)
+                return response
+            return await view(request, *args, **kwargs)
+
+        return checked
+
+    return decorator
+
+
 @csrf_exempt
-@require_POST
+@allow_methods("POST")
 async def chat_completions(request) -> HttpResponse:
     return await proxy(request, RequestKind.CHAT_COMPLETIONS)
 
 
 @csrf_exempt
-@require_POST
+@allow_methods("POST")
 async def responses(request) -> HttpResponse:
     return await proxy(request, RequestKind.RESPONSES)
 
 
 @csrf_exempt
-@require_POST
+@allow_methods("POST")
 async def messages(request) -> HttpResponse:
     return await proxy(request, RequestKind.MESSAGES)
 
 
-@require_GET
+@csrf_exempt
+async def unknown_endpoint(request) -> HttpResponse:
+    """Any other path under /v1/: an OpenAI-shaped 404, whatever the method."""
+    return errors.unknown_endpoint().response()
+
+
+@allow_methods("GET")
 async def models(request) -> HttpResponse:
     try:
         await auth.authenticate(request)
