@@ -69,9 +69,12 @@ def test_unexpected_failure_is_an_openai_500_even_with_debug_on(caplog):
     assert CANARY not in caplog.text
 
 
-def test_host_not_allowed_is_an_openai_400():
-    response = call_gateway("GET", "/v1/models", headers={"host": "evil.example"})
+def test_host_not_allowed_is_an_openai_400_and_the_host_is_not_logged(caplog):
+    caplog.set_level(logging.INFO)
+    response = call_gateway("GET", "/v1/models", headers={"host": f"{CANARY}.example"})
     assert_openai_error(response, 400, "invalid_request")
+    assert "DisallowedHost" in caplog.text
+    assert CANARY not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -49,9 +49,13 @@ def test_json_nested_exactly_to_the_bound_is_not_refused_for_depth():
 
 @pytest.mark.parametrize(
     "content",
-    [b'{"model": "kilo/x", "x": NaN}', b'{"model": "kilo/x", "x": -Infinity}'],
+    [
+        pytest.param(b'{"model": "kilo/x", "x": NaN}', id="nan"),
+        pytest.param(b'{"model": "kilo/x", "x": -Infinity}', id="infinity"),
+        pytest.param(b'{"model": "kilo/x", "x": "a\x00b"}', id="raw-nul-byte"),
+    ],
 )
-def test_non_standard_json_constants_are_400(content):
+def test_json_that_is_not_standard_json_is_400(content):
     response = call_gateway("POST", "/v1/chat/completions", content=content)
     assert_openai_error(response, 400, "invalid_json")
 
