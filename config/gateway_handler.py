@@ -42,6 +42,7 @@ import contextlib
 import io
 import logging
 import tempfile
+from collections.abc import Callable
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -150,7 +151,7 @@ def exception_response(request, exc: Exception) -> HttpResponse:
     return errors.internal_error().response()
 
 
-def convert_exception_to_openai_error(get_response):
+def convert_exception_to_openai_error(get_response: Callable) -> Callable:
     """The gateway's ``convert_exception_to_response``: the same wrapping of every layer of the
     chain, with OpenAI-shaped errors, computed inline (Django hops to a thread for it)."""
 
@@ -184,7 +185,7 @@ class GatewayASGIHandler(ASGIHandler):
         self._refusal_chain = self.wrap_in_middleware(refuse_too_large)
 
     @staticmethod
-    def wrap_in_middleware(get_response):
+    def wrap_in_middleware(get_response: Callable) -> Callable:
         handler = convert_exception_to_openai_error(get_response)
         for middleware in reversed(GATEWAY_MIDDLEWARE):
             handler = convert_exception_to_openai_error(middleware(handler))

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -390,7 +391,7 @@ async def relay(exchange: Exchange, upstream: httpx.Response, rewriter: EventRew
         exchange.record()
 
 
-def allow_methods(*methods: str):
+def allow_methods(*methods: str) -> Callable[[Callable], Callable]:
     """Django's ``require_http_methods`` with an OpenAI-shaped 405 (and its ``Allow``)."""
 
     def decorator(view):
