@@ -22,12 +22,19 @@ _MAX_CACHED = 100_000
 
 
 def presented_token(request) -> str | None:
-    """The gateway token from ``Authorization: Bearer`` or ``x-api-key``; None if absent."""
-    header = request.headers.get("authorization", "")
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+    """The gateway token from ``Authorization: Bearer`` or ``x-api-key``; None if neither.
+
+    An ``Authorization`` header that is not a usable Bearer token (``Basic …``, an empty
+    token, another scheme) is a 401: a client that tried to authenticate is never served
+    as anonymous.
+    """
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.strip().partition(" ")
+        token = value.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized()
+        return token
     api_key = request.headers.get("x-api-key", "").strip()
     return api_key or None
 

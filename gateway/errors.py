@@ -139,3 +139,26 @@ def upstream_timeout() -> GatewayError:
         error_type="upstream_error",
         code="upstream_timeout",
     )
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return bad_request(f"Request body is larger than {limit} bytes.", code="too_large")
+
+
+def unknown_endpoint() -> GatewayError:
+    return GatewayError(
+        404,
+        "Unknown endpoint. This gateway serves POST /v1/chat/completions, POST /v1/responses, "
+        "POST /v1/messages and GET /v1/models.",
+        error_type="invalid_request_error",
+        code="unknown_endpoint",
+    )
+
+
+def method_not_allowed(allowed: tuple[str, ...]) -> GatewayError:
+    return GatewayError(
+        405,
+        f"This endpoint accepts only {' and '.join(allowed)}.",
+        error_type="invalid_request_error",
+        code="method_not_allowed",
+    )

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -20,7 +23,6 @@ from django.db import connection
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
 
 from experiments.models import RequestKind
 from gateway import auth, errors
@@ -41,8 +43,24 @@ from gateway.usage import Attribution, UsageRecord, writer
 logger = logging.getLogger(__name__)
 
 MAX_CLIENT_REQUEST_ID_LENGTH = 512
+#: Deeper JSON is refused: past it a body could exhaust the recursion limit of any code that
+#: walks it (serialising it upstream, capturing the prompt), serde_json's default bound.
+MAX_JSON_DEPTH = 128
+#: As long as a public model id may be (experiments.services).
+MAX_MODEL_ID_LENGTH = 255
+#: A JSON escape of a UTF-16 surrogate (high: D800-DBFF, low: DC00-DFFF).
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 #: Status recorded when the client went away before the response completed (nginx's 499).
 CLIENT_CLOSED_REQUEST = 499
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+#: Python's decoder, refusing NaN and Infinity (not JSON; a partner may choke on them).
+#: Built once: ``json.loads`` with any option builds a decoder per call.
+JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _elapsed_ms(since: float) -> int:
@@ -52,16 +70,16 @@ def _elapsed_ms(since: float) -> int:
 class Exchange:
     """What one model request did, turned into a usage record exactly once."""
 
-    def __init__(self, *, kind: str, user_id: int | None, started: float, request) -> None:
+    def __init__(
+        self, *, kind: str, user_id: int | None, started: float, client_request_id: str | None
+    ) -> None:
         self.kind = kind
         self.user_id = user_id
         self.started = started
         self.created_at = timezone.now()
         self.public_model_id = ""
         self.is_stream = False
-        self.client_request_id = (
-            request.headers.get("x-kilo-request", "").strip()[:MAX_CLIENT_REQUEST_ID_LENGTH] or None
-        )
+        self.client_request_id = client_request_id
         self.route: Route | None = None
         self.upstream_body: dict[str, Any] | None = None
         self.status = 200
@@ -115,28 +133,116 @@ class Exchange:
 
 
 def read_json_body(request) -> dict[str, Any]:
-    from django.conf import settings
+    """The request body as a JSON object with a usable ``model``; a 400 for anything else.
 
+    No second parse: depth is checked by a walk of the parsed containers and lone
+    surrogates by one regular-expression scan of the text (precise only if it finds one).
+    """
     limit = settings.GATEWAY_MAX_BODY_BYTES
-    try:
-        declared = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        declared = 0
-    if declared > limit:
-        raise errors.bad_request(f"Request body is larger than {limit} bytes.", code="too_large")
+    # The gateway's ASGI handler refuses a larger body before reading it; this bound holds
+    # under any other handler (WSGI, Django's test client).
     raw = request.read(limit + 1)
     if len(raw) > limit:
-        raise errors.bad_request(f"Request body is larger than {limit} bytes.", code="too_large")
+        raise errors.body_too_large(limit)
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        # Strict UTF-8 (RFC 8259): refuses invalid bytes and raw surrogate code points.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_unicode() from None
+    try:
+        body = JSON_DECODER.decode(text)
+    except RecursionError:
+        raise too_deep() from None
+    except ValueError:
         raise errors.bad_request("Request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise errors.bad_request("Request body must be a JSON object.", code="invalid_body")
+    if nested_deeper_than(body, MAX_JSON_DEPTH):
+        raise too_deep()
+    if has_lone_surrogate(text):
+        raise invalid_unicode()
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise errors.bad_request("`model` must be a non-empty string.", code="invalid_model")
+    # The model id is stored in usage rows and may be logged: printable only (no NUL, lone
+    # surrogate, newline or format character) and bounded.
+    if len(model) > MAX_MODEL_ID_LENGTH or not model.isprintable():
+        raise errors.bad_request(
+            f"`model` must be at most {MAX_MODEL_ID_LENGTH} printable characters.",
+            code="invalid_model",
+        )
     return body
+
+
+def too_deep() -> GatewayError:
+    return errors.bad_request(
+        f"Request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="too_deep"
+    )
+
+
+def invalid_unicode() -> GatewayError:
+    return errors.bad_request(
+        "Request body is not valid Unicode (invalid UTF-8 or a lone surrogate).",
+        code="invalid_unicode",
+    )
+
+
+def nested_deeper_than(value: dict | list, limit: int) -> bool:
+    """Whether the objects and arrays of a parsed JSON value nest more than ``limit`` levels
+    (``value`` is level 1). Level by level, without recursion, so any depth is safe."""
+    level = [value]
+    for _ in range(limit):
+        below = []
+        for node in level:
+            for child in node.values() if type(node) is dict else node:
+                # json.loads builds exactly these types: an identity test is the cheapest.
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        if not below:
+            return False
+        level = below
+    return True
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether valid JSON ``text`` decodes to a string holding an unpaired surrogate.
+
+    Raw surrogates are refused by strict UTF-8 decoding, so only ``\\uD800``-style escapes
+    can produce one; an escaped high surrogate pairs only with a low one right after it.
+    """
+    if SURROGATE_ESCAPE.search(text) is None:
+        return False
+    # Escaped backslashes out of the way (same length, so nothing becomes adjacent): every
+    # "\\u" left begins an escape.
+    text = text.replace("\\\\", "..")
+    high_end = None  # where the last unpaired high surrogate escape ends
+    for escape in SURROGATE_ESCAPE.finditer(text):
+        if escape.group()[3] in "89abAB":
+            if high_end is not None:
+                return True
+            high_end = escape.end()
+        elif high_end != escape.start():
+            return True
+        else:
+            high_end = None
+    return high_end is not None
+
+
+def client_request_id(request) -> str | None:
+    """``X-Kilo-Request``, stored as sent in attribution rows for feedback joins.
+
+    Refused (400) rather than altered when it could not be stored exactly: over the length
+    bound, or holding a character that is not printable (a truncated or cleaned id would
+    silently break the join it exists for).
+    """
+    value = request.headers.get("x-kilo-request", "").strip()
+    if len(value) > MAX_CLIENT_REQUEST_ID_LENGTH or not value.isprintable():
+        raise errors.bad_request(
+            f"`X-Kilo-Request` must be at most {MAX_CLIENT_REQUEST_ID_LENGTH} printable "
+            "characters.",
+            code="invalid_header",
+        )
+    return value or None
 
 
 def check_field_types(body: dict[str, Any], kind: str) -> None:
@@ -158,9 +264,11 @@ async def proxy(request, kind: str) -> HttpResponse:
     try:
         user_id = await auth.authenticate(request)
         body = read_json_body(request)
+        request_id = client_request_id(request)
     except GatewayError as exc:
+        # Refused before routing: no usage row (SPEC §9 counts requests that reached routing).
         return exc.response()
-    exchange = Exchange(kind=kind, user_id=user_id, started=started, request=request)
+    exchange = Exchange(kind=kind, user_id=user_id, started=started, client_request_id=request_id)
     exchange.public_model_id = body["model"]
     exchange.is_stream = body.get("stream") is True
     streaming = False
@@ -274,25 +382,48 @@ async def relay(exchange: Exchange, upstream: UpstreamResponse, rewriter: EventR
         exchange.record()
 
 
+def allow_methods(*methods: str) -> Callable[[Callable], Callable]:
+    """Django's ``require_http_methods`` with an OpenAI-shaped 405 (and its ``Allow``)."""
+
+    def decorator(view):
+        @functools.wraps(view)
+        async def checked(request, *args, **kwargs) -> HttpResponse:
+            if request.method not in methods:
+                response = errors.method_not_allowed(methods).response()
+                response["Allow"] = ", ".join(methods)
+                return response
+            return await view(request, *args, **kwargs)
+
+        return checked
+
+    return decorator
+
+
 @csrf_exempt
-@require_POST
+@allow_methods("POST")
 async def chat_completions(request) -> HttpResponse:
     return await proxy(request, RequestKind.CHAT_COMPLETIONS)
 
 
 @csrf_exempt
-@require_POST
+@allow_methods("POST")
 async def responses(request) -> HttpResponse:
     return await proxy(request, RequestKind.RESPONSES)
 
 
 @csrf_exempt
-@require_POST
+@allow_methods("POST")
 async def messages(request) -> HttpResponse:
     return await proxy(request, RequestKind.MESSAGES)
 
 
-@require_GET
+@csrf_exempt
+async def unknown_endpoint(request) -> HttpResponse:
+    """Any other path under /v1/: an OpenAI-shaped 404, whatever the method."""
+    return errors.unknown_endpoint().response()
+
+
+@allow_methods("GET")
 async def models(request) -> HttpResponse:
     try:
         await auth.authenticate(request)
