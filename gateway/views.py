@@ -161,6 +161,13 @@ def read_json_body(request) -> dict[str, Any]:
         raise too_deep()
     if has_lone_surrogate(text):
         raise invalid_unicode()
+    # SPEC §8: NUL gets a 400. A raw NUL is already invalid JSON; an escaped one is looked
+    # for only when the text holds the escape at all (rare), so the common case costs one
+    # substring search.
+    if "\\u0000" in text and holds_nul(body):
+        raise errors.bad_request(
+            "Request body must not contain NUL characters.", code="invalid_unicode"
+        )
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise errors.bad_request("`model` must be a non-empty string.", code="invalid_model")
@@ -185,6 +192,23 @@ def invalid_unicode() -> GatewayError:
         "Request body is not valid Unicode (invalid UTF-8 or a lone surrogate).",
         code="invalid_unicode",
     )
+
+
+def holds_nul(value: dict | list) -> bool:
+    """Whether any string (or object key) of a parsed JSON value holds U+0000."""
+    pending: list[Any] = [value]
+    while pending:
+        node = pending.pop()
+        if type(node) is dict:
+            for name, child in node.items():
+                if "\x00" in name:
+                    return True
+                pending.append(child)
+        elif type(node) is list:
+            pending.extend(node)
+        elif type(node) is str and "\x00" in node:
+            return True
+    return False
 
 
 def nested_deeper_than(value: dict | list, limit: int) -> bool:

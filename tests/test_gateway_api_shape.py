@@ -96,9 +96,11 @@ def test_long_unknown_path_is_logged_escaped_and_capped(caplog):
     caplog.set_level(logging.INFO)
     tail = CANARY + "x" * 5000
     assert_openai_error(call_gateway("GET", "/v1/" + tail), 404, "unknown_endpoint")
-    assert "Not Found" in caplog.text
-    assert tail not in caplog.text
-    assert max(len(record.getMessage()) for record in caplog.records) < 400
+    # The test's own HTTP client (httpx) logs the URL it called: only the gateway's lines count.
+    served = [record.getMessage() for record in caplog.records if record.name != "httpx"]
+    assert any("Not Found" in line for line in served)
+    assert not any(tail in line for line in served)
+    assert max(len(line) for line in served) < 400
 
 
 def test_404_outside_v1_stays_an_html_page():

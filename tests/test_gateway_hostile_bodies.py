@@ -60,6 +60,26 @@ def test_json_that_is_not_standard_json_is_400(content):
     assert_openai_error(response, 400, "invalid_json")
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(rb'{"model": "kilo/x", "messages": [{"content": "a\u0000b"}]}', id="value"),
+        pytest.param(rb'{"model": "kilo/x", "x": {"k\u0000": 1}}', id="key"),
+    ],
+)
+def test_escaped_nul_anywhere_in_the_body_is_400(content):
+    response = call_gateway("POST", "/v1/chat/completions", content=content)
+    assert_openai_error(response, 400, "invalid_unicode")
+
+
+def test_an_escaped_backslash_before_u0000_text_is_not_a_nul():
+    # "\\u0000" is a backslash followed by the text u0000: no NUL, so the next check speaks.
+    response = call_gateway(
+        "POST", "/v1/chat/completions", content=rb'{"model": "", "x": "\\u0000"}'
+    )
+    assert_openai_error(response, 400, "invalid_model")
+
+
 #: Pieces of a JSON string literal's content: surrogate escapes of both kinds and cases, and
 #: the escapes that could be mistaken for (or hide) one.
 STRING_PIECES = [
@@ -148,7 +168,7 @@ def test_surrogate_pair_escapes_are_accepted_and_forwarded_as_the_character(gate
 @pytest.mark.parametrize(
     ("model", "code"),
     [
-        pytest.param(rf"kilo/\u0000{CANARY}", "invalid_model", id="nul"),
+        pytest.param(rf"kilo/\u0000{CANARY}", "invalid_unicode", id="nul"),
         pytest.param(rf"kilo/\ud800{CANARY}", "invalid_unicode", id="lone-surrogate"),
         pytest.param(rf"kilo/{CANARY}\nforged log line", "invalid_model", id="newline"),
         pytest.param(rf"kilo/{CANARY}\u202e", "invalid_model", id="format-character"),
