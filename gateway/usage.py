@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.db import DataError, Error, IntegrityError, connection, transaction
 
@@ -61,12 +62,13 @@ ADOPT_SECONDS = 2.0
 SEGMENT_ROTATE_BYTES = 1024 * 1024
 #: Backoff between attempts while the database cannot be asked.
 RETRY_MIN_SECONDS = 0.5
-RETRY_MAX_SECONDS = 5.0
+RETRY_MAX_SECONDS = 2.0
 #: SQLSTATE classes meaning "these values are refused": data exception, integrity
 #: constraint violation, program limit exceeded (e.g. an index row too large).
 REFUSED_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
-#: A sanitised text value is cut to this many characters (fits any btree index row).
-SANITISED_TEXT_LIMIT = 512
+#: Client-chosen text is cut to this many characters when spooled or sanitised (it then
+#: fits any btree index row).
+CLIENT_TEXT_LIMIT = 512
 
 
 @dataclass
@@ -104,7 +106,9 @@ class UsageRecord:
             "id": self.id.hex,
             "created_at": self.created_at.isoformat(),
             "user_id": self.user_id,
-            "public_model_id": self.public_model_id,
+            # The client's choice, up to the body limit: cut before it is encoded on the
+            # event loop and written to the spool (no model id is this long).
+            "public_model_id": self.public_model_id[:CLIENT_TEXT_LIMIT],
             "request_kind": self.request_kind,
             "is_stream": self.is_stream,
             "status_code": self.status_code,
@@ -130,6 +134,7 @@ class UsageRecord:
 # --- rows -------------------------------------------------------------------------
 
 _MAX_SMALLINT = 32767
+_MAX_INTEGER = 2147483647
 
 
 @dataclass
@@ -153,8 +158,9 @@ def record_rows(entry: dict[str, Any], prompt: tuple[str, bool] | None) -> Recor
         "status_code": min(max(entry["status_code"], 0), _MAX_SMALLINT),
         "has_error": entry["has_error"],
         "error_kind": entry["error_kind"],
-        "input_tokens": max(entry["input_tokens"], 0),
-        "output_tokens": max(entry["output_tokens"], 0),
+        # Counts a partner reports: clamped here, or every batch would be refused.
+        "input_tokens": min(max(entry["input_tokens"], 0), _MAX_INTEGER),
+        "output_tokens": min(max(entry["output_tokens"], 0), _MAX_INTEGER),
         "ttfb_ms": entry["ttfb_ms"],
         "total_ms": entry["total_ms"],
     }
@@ -180,7 +186,7 @@ def record_rows(entry: dict[str, Any], prompt: tuple[str, bool] | None) -> Recor
 
 
 class _Table:
-    """A lean multi-row ``INSERT … ON CONFLICT DO NOTHING`` for one model's table.
+    """A lean multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING pk`` for one table.
 
     Bypasses ``bulk_create``: model instances and per-field preparation cost the writer
     thread GIL time that the event loop then waits for.
@@ -191,33 +197,48 @@ class _Table:
         self.names = [f.attname for f in self.fields]
         self.table = model._meta.db_table
         self.pk_column = model._meta.pk.column
-        self._sql: dict[tuple[str, int], str] = {}
+        self._values_sql: dict[int, str] = {}
+        self._arrays_sql: str | None = None
 
-    def sql(self, count: int) -> str:
-        key = (connection.vendor, count)
-        if key not in self._sql:
-            quote = connection.ops.quote_name
-            columns = ", ".join(quote(f.column) for f in self.fields)
-            row = "(" + ", ".join(["%s"] * len(self.fields)) + ")"
-            # Names from the model's meta, values as parameters: nothing from a request.
-            self._sql[key] = (
-                f"INSERT INTO {quote(self.table)} ({columns}) VALUES "  # noqa: S608
-                f"{', '.join([row] * count)} ON CONFLICT DO NOTHING "
-                f"RETURNING {quote(self.pk_column)}"
-            )
-        return self._sql[key]
-
-    def insert(self, cursor, rows: list[dict[str, Any]]) -> list[Any]:
+    def insert(self, rows: list[dict[str, Any]]) -> list[Any]:
         """Insert the rows not already present; returns the primary keys inserted."""
         if connection.vendor == "postgresql":
-            # psycopg adapts uuid, datetime, str, int and bool as they are.
-            params = [row[name] for row in rows for name in self.names]
-        else:
-            params = [
-                f.get_db_prep_save(row[f.attname], connection) for row in rows for f in self.fields
-            ]
-        cursor.execute(self.sql(len(rows)), params)
-        return [value for (value,) in cursor.fetchall()]
+            return self._insert_arrays(rows)
+        return self._insert_values(rows)
+
+    def _head(self) -> str:
+        quote = connection.ops.quote_name
+        columns = ", ".join(quote(f.column) for f in self.fields)
+        # Names from the model's meta, values as parameters: nothing from a request.
+        return f"INSERT INTO {quote(self.table)} ({columns})"
+
+    def _tail(self) -> str:
+        return f" ON CONFLICT DO NOTHING RETURNING {connection.ops.quote_name(self.pk_column)}"
+
+    def _insert_arrays(self, rows: list[dict[str, Any]]) -> list[Any]:
+        # One typed array per column, sent in binary on a server-binding cursor: about a
+        # third of the client CPU of one text parameter per cell (measured: 20-40 µs
+        # against 70-160 µs per record, both tables, batches of 100-500).
+        if self._arrays_sql is None:
+            arrays = ", ".join(f"%b::{f.db_type(connection)}[]" for f in self.fields)
+            self._arrays_sql = f"{self._head()} SELECT * FROM unnest({arrays}){self._tail()}"  # noqa: S608
+        columns = [[row[name] for row in rows] for name in self.names]
+        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(self._arrays_sql, columns)
+            return [pk for (pk,) in cursor.fetchall()]
+
+    def _insert_values(self, rows: list[dict[str, Any]]) -> list[Any]:
+        count = len(rows)
+        if count not in self._values_sql:
+            row = "(" + ", ".join(["%s"] * len(self.fields)) + ")"
+            values = ", ".join([row] * count)
+            self._values_sql[count] = f"{self._head()} VALUES {values}{self._tail()}"
+        params = [
+            f.get_db_prep_save(row[f.attname], connection) for row in rows for f in self.fields
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(self._values_sql[count], params)
+            return [pk for (pk,) in cursor.fetchall()]
 
 
 _usage_table = _Table(GatewayUsage)
@@ -239,10 +260,10 @@ def _refused(exc: Exception) -> bool:
 
 
 def _insert(batch: list[RecordRows]) -> list[RecordRows]:
-    with transaction.atomic(), connection.cursor() as cursor:
+    with transaction.atomic():
         inserted = {
             pk if isinstance(pk, uuid.UUID) else uuid.UUID(pk)
-            for pk in _usage_table.insert(cursor, [r.usage for r in batch])
+            for pk in _usage_table.insert([r.usage for r in batch])
         }
         # An attribution row lands in the same transaction as its usage row, so a usage
         # row already present means its attribution is too.
@@ -250,7 +271,7 @@ def _insert(batch: list[RecordRows]) -> list[RecordRows]:
             r.attribution for r in batch if r.attribution is not None and r.usage["id"] in inserted
         ]
         if attributions:
-            _attribution_table.insert(cursor, attributions)
+            _attribution_table.insert(attributions)
     return [r for r in batch if r.usage["id"] in inserted]
 
 
@@ -292,8 +313,6 @@ def _write_alone(rows: RecordRows, spool: Spool) -> list[RecordRows]:
     except Exception as exc:
         reason = _reason(exc)
         cleaned = sanitised(rows, forget_user=isinstance(exc, IntegrityError))
-    # The original is kept before the cleaned rows go in: nothing is altered unseen.
-    spool.quarantine([_quarantine_entry(rows.entry, reason, "sanitised")])
     try:
         inserted = _insert_or_raise([cleaned])
     except DatabaseUnreachable:
@@ -302,6 +321,8 @@ def _write_alone(rows: RecordRows, spool: Spool) -> list[RecordRows]:
         spool.quarantine([_quarantine_entry(rows.entry, _reason(exc), "set_aside")])
         logger.error("usage record %s refused by the database; set aside", rows.entry["id"])
         return []
+    # The original stays inspectable: nothing is altered unseen.
+    spool.quarantine([_quarantine_entry(rows.entry, reason, "sanitised")])
     logger.warning("usage record %s refused (%s); sanitised", rows.entry["id"], reason)
     return inserted
 
@@ -329,7 +350,7 @@ def _sanitised_row(model, row: dict[str, Any]) -> dict[str, Any]:
         value = row[model_field.attname]
         if isinstance(value, str):
             value = _SURROGATES.sub("\ufffd", value.replace("\x00", "\ufffd"))
-            clean[model_field.attname] = value[: model_field.max_length or SANITISED_TEXT_LIMIT]
+            clean[model_field.attname] = value[: model_field.max_length or CLIENT_TEXT_LIMIT]
         elif isinstance(value, int) and not isinstance(value, bool):
             low, high = connection.ops.integer_field_range(model_field.get_internal_type())
             low = 0 if low is None else low
@@ -589,6 +610,11 @@ class UsageWriter:
                 write_rows(pending[start : start + BATCH_SIZE], self._spool)
         except DatabaseUnreachable as exc:
             self._database_lost(exc)
+            return
+        except Exception as exc:
+            # Retried with backoff like an outage, never in a tight loop.
+            logger.exception("usage spool segment not replayed")
+            self._database_lost(DatabaseUnreachable(type(exc).__name__))
             return
         self._database_back()
         malformed += [

@@ -125,9 +125,23 @@ def test_a_record_still_refused_after_sanitising_is_set_aside_and_its_batch_mate
         "mate-1",
     ]
     assert GatewayUsage.objects.count() == 2
-    actions = {entry["action"] for entry in quarantined(spool_dir)}
-    assert "set_aside" in actions
-    assert {entry["record"]["id"] for entry in quarantined(spool_dir)} == {orphan.id.hex}
+    [entry] = quarantined(spool_dir)
+    assert (entry["action"], entry["record"]["id"]) == ("set_aside", orphan.id.hex)
+
+
+def test_a_client_model_id_of_any_length_is_recorded_cut_to_512_characters(spool_dir, version):
+    submit_all([attributed(version, public_model_id="m" * 100_000)])
+
+    assert GatewayUsage.objects.get().public_model_id == "m" * 512
+    assert quarantined(spool_dir) == []
+
+
+def test_token_counts_beyond_the_column_are_recorded_clamped(spool_dir, version):
+    submit_all([attributed(version, input_tokens=2**40, output_tokens=-5)])
+
+    row = ExperimentRequest.objects.get()
+    assert (row.input_tokens, row.output_tokens) == (2**31 - 1, 0)
+    assert quarantined(spool_dir) == []
 
 
 def test_writing_records_already_in_the_database_inserts_nothing_and_reports_none_new(
