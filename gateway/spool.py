@@ -25,7 +25,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,6 @@ class Segment:
     retired: bool = False
     #: Some records in it are only on disk: insert them all from the file before deleting.
     needs_replay: bool = False
-    adopted: bool = field(default=False)
 
     @property
     def settled(self) -> bool:
@@ -64,9 +63,11 @@ class Segment:
 class Spool:
     """This process's segments in one folder, and the folder's disk budget."""
 
-    def __init__(self, directory: Path | str, max_bytes: int) -> None:
+    def __init__(self, directory: Path | str, max_bytes: int, fsync_seconds: float) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self.fsync_seconds = fsync_seconds
+        self._closed = threading.Event()
         self.segments: list[Segment] = []
         self._current: Segment | None = None
         self._lock = threading.Lock()
@@ -80,10 +81,6 @@ class Spool:
     @property
     def has_room(self) -> bool:
         return self._bytes_used < self.max_bytes and not self._write_failed
-
-    @property
-    def bytes_used(self) -> int:
-        return self._bytes_used
 
     @property
     def write_failed(self) -> bool:
@@ -110,7 +107,8 @@ class Spool:
     # --- the writer thread's side --------------------------------------------------
 
     def open(self) -> None:
-        """Start this process's first segment (on failure: no room until one opens)."""
+        """Start this process's first segment (on failure: no room until one opens) and the
+        thread that syncs it: its own, so a writer blocked on the database never delays it."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.rescan()
@@ -119,6 +117,13 @@ class Spool:
             logger.error("usage spool folder unusable (%s)", exc.strerror)
             return
         self.rotate()
+        threading.Thread(
+            target=self._sync_until_closed, name="usage-spool-sync", daemon=True
+        ).start()
+
+    def _sync_until_closed(self) -> None:
+        while not self._closed.wait(self.fsync_seconds):
+            self.sync()
 
     def rotate(self) -> Segment | None:
         """Retire the current segment and continue in a new one; returns the retired one."""
@@ -177,12 +182,15 @@ class Spool:
 
     def sync(self) -> None:
         """fdatasync every segment with unsynced lines (the machine-crash bound)."""
-        for segment in list(self.segments):
-            if segment.unsynced:
+        with self._lock:
+            dirty = [segment for segment in self.segments if segment.unsynced]
+            for segment in dirty:
                 segment.unsynced = 0
-                try:
-                    os.fdatasync(segment.fd)
-                except OSError as exc:
+        for segment in dirty:
+            try:
+                os.fdatasync(segment.fd)
+            except OSError as exc:
+                if segment in self.segments:  # not deleted meanwhile (its fd closed)
                     logger.error("usage spool fsync failed (%s)", exc.strerror)
 
     def delete(self, segment: Segment) -> None:
@@ -197,6 +205,7 @@ class Spool:
 
     def release_all(self) -> None:
         """Sync and unlock every remaining segment (left for whichever process adopts it)."""
+        self._closed.set()
         self.retire_current()
         self.sync()
         with self._lock:
@@ -232,7 +241,6 @@ class Spool:
                 size=os.fstat(fd).st_size,
                 retired=True,
                 needs_replay=True,
-                adopted=True,
             )
             with self._lock:
                 self.segments.append(segment)

@@ -51,7 +51,7 @@ BATCH_SIZE = 500
 #: per record costs ~5x the CPU per row of a batch of dozens (bench/RESULTS.md); rows land
 #: at most this much later, which no client waits for.
 BATCH_LINGER_SECONDS = 0.1
-#: How often an idle writer wakes for its housekeeping (fsync, budget, adoption, retries).
+#: How often an idle writer wakes for its housekeeping (budget, adoption, retries).
 HOUSEKEEPING_SECONDS = 0.25
 #: Recount the spool folder's bytes (shared with other processes on the host) this often.
 SPOOL_SCAN_SECONDS = 1.0
@@ -399,7 +399,7 @@ class UsageWriter:
         self._backoff = RETRY_MIN_SECONDS
         self._backlog = False
         self._stop_deadline = 0.0
-        self._next_sync = self._next_scan = self._next_adopt = 0.0
+        self._next_scan = self._next_adopt = 0.0
 
     @property
     def accepting(self) -> bool:
@@ -414,11 +414,15 @@ class UsageWriter:
             return
         with self._start_lock:
             if self._thread is None or not self._thread.is_alive():
-                spool = Spool(settings.GATEWAY_SPOOL_DIR, settings.GATEWAY_SPOOL_MAX_BYTES)
+                spool = Spool(
+                    settings.GATEWAY_SPOOL_DIR,
+                    settings.GATEWAY_SPOOL_MAX_BYTES,
+                    settings.GATEWAY_SPOOL_FSYNC_SECONDS,
+                )
                 spool.open()
                 self._spool = spool
                 self._retry_at, self._backoff, self._backlog = None, RETRY_MIN_SECONDS, False
-                self._next_sync = self._next_scan = self._next_adopt = 0.0
+                self._next_scan = self._next_adopt = 0.0
                 self._thread = threading.Thread(
                     target=self._run, name="gateway-usage-writer", daemon=True
                 )
@@ -564,9 +568,6 @@ class UsageWriter:
     def _housekeeping(self) -> None:
         spool = self._spool
         now = time.monotonic()
-        if now >= self._next_sync:
-            spool.sync()
-            self._next_sync = now + settings.GATEWAY_SPOOL_FSYNC_SECONDS
         if now >= self._next_scan:
             spool.rescan()
             if spool.write_failed:

@@ -147,7 +147,7 @@ def test_token_counts_beyond_the_column_are_recorded_clamped(spool_dir, version)
 def test_writing_records_already_in_the_database_inserts_nothing_and_reports_none_new(
     spool_dir, version
 ):
-    spool = Spool(spool_dir, 10**9)
+    spool = Spool(spool_dir, 10**9, 1.0)
     rows = [record_rows(attributed(version).spool_entry(), None) for _ in range(3)]
 
     assert write_rows(rows, spool) == rows
@@ -157,7 +157,7 @@ def test_writing_records_already_in_the_database_inserts_nothing_and_reports_non
 
 def test_a_segment_left_by_a_dead_process_is_adopted_and_written_once(spool_dir, version):
     # A process spooled two records, wrote one of them, kept the other's prompt hash, died.
-    dead = Spool(spool_dir, 10**9)
+    dead = Spool(spool_dir, 10**9, 1.0)
     dead.open()
     landed, waiting = attributed(version), attributed(version)
     for record in (landed, waiting):
