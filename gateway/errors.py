@@ -89,6 +89,16 @@ def internal_error() -> GatewayError:
     )
 
 
+def usage_spool_full() -> GatewayError:
+    """The usage spool is over its budget: a request taken now might go unrecorded."""
+    return GatewayError(
+        503,
+        "The gateway cannot record more requests right now; retry shortly.",
+        error_type="service_unavailable",
+        code="usage_spool_full",
+    )
+
+
 def routing_unavailable() -> GatewayError:
     return unavailable(
         "Routing is temporarily unavailable; retry shortly.", error_kind="routing_unavailable"

@@ -285,6 +285,9 @@ def check_field_types(body: dict[str, Any], kind: str) -> None:
 
 async def proxy(request, kind: str) -> HttpResponse:
     started = time.monotonic()
+    if not writer.accepting:
+        # Evidence first: a request this process cannot record is one it does not serve.
+        return errors.usage_spool_full().response()
     try:
         user_id = await auth.authenticate(request)
         body = read_json_body(request)
@@ -489,12 +492,15 @@ async def readyz(request) -> HttpResponse:
         cache_ok = await asyncio.wait_for(router.store.ping(), timeout=2)
     except Exception:
         cache_ok = False
-    ready = database and cache_ok
+    spool_ok = writer.accepting
+    ready = database and cache_ok and spool_ok
     return JsonResponse(
         {
             "status": "ready" if ready else "unavailable",
             "database": "ok" if database else "unavailable",
             "cache": "ok" if cache_ok else "unavailable",
+            # "full": model requests get 503 usage_spool_full until the spool drains.
+            "usage_spool": "ok" if spool_ok else "full",
         },
         status=200 if ready else 503,
     )
