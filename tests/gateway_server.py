@@ -47,6 +47,7 @@ def test_database_url() -> str:
 
 class GatewayServer:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.base_url = self.base + "/v1"
@@ -139,6 +140,25 @@ def gateway_factory(django_db_setup, django_db_blocker, tmp_path_factory) -> Ite
 
     yield start
     for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def gateway_process(transactional_db, tmp_path) -> Iterator[Callable[..., GatewayServer]]:
+    """``gateway_process(**env_overrides)`` starts a gateway of this test's own, a new process
+    on every call (two calls with the same environment are two processes behind one database,
+    as on two hosts). All are stopped when the test ends, before its rows are flushed, so a
+    record still pending in one can never land in the next test."""
+    servers: list[GatewayServer] = []
+
+    def start(**overrides: str) -> GatewayServer:
+        env = server_env(tmp_path, **overrides)
+        server = GatewayServer(env, tmp_path / f"gateway-{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
         server.stop()
 
 
