@@ -35,7 +35,7 @@ async def _shutdown() -> None:
     from gateway.usage import writer
 
     await shared_client.aclose()
-    await router.store.aclose()
+    await router.aclose()
     flushed = await asyncio.to_thread(writer.stop, SHUTDOWN_FLUSH_SECONDS)
     if not flushed:
         logger.error("shutdown: %d usage records were not written", writer.pending())
