@@ -45,8 +45,8 @@ T = TypeVar("T")
 #: After a failed refresh, wait this long before trying again, so an outage does not
 #: turn every request into a failing connection attempt.
 FAILURE_BACKOFF_SECONDS = 0.25
-#: The longest a request waits for the database to confirm the routing state; past it,
-#: the last confirmed state answers (within the outage grace) or the request gets 503.
+#: The longest a request waits for the database to confirm the routing state or load a
+#: payload; past it, the last confirmed state answers (within the outage grace) or 503.
 REFRESH_WAIT_SECONDS = 2.0
 
 _MISSING = object()
@@ -367,7 +367,10 @@ class Router:
                 self._loaded_payload(public_model_id, membership)
             )
             membership.loads[public_model_id] = load
-        return await asyncio.shield(load)
+        try:
+            return await asyncio.wait_for(asyncio.shield(load), REFRESH_WAIT_SECONDS)
+        except TimeoutError:  # a hung database: fail closed rather than hold the request
+            raise RoutingUnavailable() from None
 
     async def _loaded_payload(
         self, public_model_id: str, membership: Membership
