@@ -241,6 +241,13 @@ GATEWAY_MEMBERSHIP_TTL_SECONDS = env_float("GATEWAY_MEMBERSHIP_TTL_SECONDS", 1.0
 # How long a worker trusts a verified (or unknown) token hash: the revocation delay.
 GATEWAY_TOKEN_CACHE_TTL_SECONDS = env_float("GATEWAY_TOKEN_CACHE_TTL_SECONDS", 10.0)
 
+# --- Checkpoint connection tests --------------------------------------------
+# The callable that sends a checkpoint's test request. experiments never imports
+# gateway; the services load this by name (the gateway's client, by default).
+CHECKPOINT_CHECKER = os.environ.get("CHECKPOINT_CHECKER", "gateway.checks.check_checkpoint")
+# A test waits at most this long for the partner (connect, then between reads).
+CHECKPOINT_CHECK_TIMEOUT_SECONDS = env_float("CHECKPOINT_CHECK_TIMEOUT_SECONDS", 20.0)
+
 # --- Prompt store (SPEC §9) --------------------------------------------------
 PROMPT_STORE_BACKEND = os.environ.get("PROMPT_STORE_BACKEND", "local")  # local | s3
 PROMPT_STORE_DIR = Path(os.environ.get("PROMPT_STORE_DIR", str(BASE_DIR / "var" / "prompts")))

@@ -501,7 +501,7 @@ def test_activation_problems_are_reported_in_one_line():
     experiment = ExperimentFactory()
     VariantFactory(experiment=experiment)
     before = db_state()
-    assert "at least two variants" in refusal("activate", str(experiment.pk))
+    assert "at least two slots" in refusal("activate", str(experiment.pk))
     assert db_state() == before
 
 
@@ -545,7 +545,7 @@ def _bad_input_cases():
             lambda e, v: ["add-variant", str(e.pk), "--label", v.label, "--weight", "1"],
             "already exists",
         ),
-        ("empty name", lambda e, v: ["update", str(e.pk), "--name", "  "], "name is required"),
+        ("empty name", lambda e, v: ["update", str(e.pk), "--name", "  "], "Name is required."),
     ]
 
 
@@ -566,10 +566,10 @@ def test_bad_input_is_refused_and_changes_nothing(args_for, expected):
     [
         ("{not json", "not valid JSON"),
         ('["a list"]', "must be a JSON object"),
-        ({**upstream_config(), "api_key": "sk-x"}, "api_key: is not an allowed field"),
-        ({**upstream_config(), "extra_headers": {"a": "b"}}, "extra_headers: is not an allowed"),
-        (upstream_config(base_url="ftp://partner.example/v1"), "base_url"),
-        ({"base_url": "https://partner.example/v1"}, "internal_id"),
+        ({**upstream_config(), "api_key": "sk-x"}, "'api_key' is not an allowed field"),
+        ({**upstream_config(), "extra_headers": {"a": "b"}}, "'extra_headers' is not an allowed"),
+        (upstream_config(base_url="ftp://partner.example/v1"), "Base URL must be an http(s) URL"),
+        ({"base_url": "https://partner.example/v1"}, "Internal model id is required."),
     ],
     ids=["not-json", "not-object", "api_key", "extra_headers", "non-http", "no-internal-id"],
 )

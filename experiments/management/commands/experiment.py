@@ -37,7 +37,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import BooleanField, Count, ExpressionWrapper, Q
 
 from experiments import services
-from experiments.models import Experiment, Variant, VariantVersion
+from experiments.models import CheckpointCheck, Experiment, Variant, VariantVersion
 
 #: Larger upstream files are certainly a mistake (the allowlist is a handful of fields).
 MAX_UPSTREAM_FILE_BYTES = 256 * 1024
@@ -67,6 +67,14 @@ def _key_cell(checkpoint: dict[str, Any]) -> str:
         return "-"
     fingerprint = checkpoint.get("key_fingerprint")
     return f"configured (key {fingerprint})" if fingerprint else "configured (key unknown)"
+
+
+class RefusedWith(CommandError):
+    """A failure that also reports what was done, in the JSON output."""
+
+    def __init__(self, message: str, payload: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.payload = payload
 
 
 def _redact_unrecognized(error: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -192,6 +200,17 @@ class Command(BaseCommand):
             metavar="VAR",
             help="Environment variable holding the new key (prompted for when omitted).",
         )
+        for command in (swap, rotate):
+            command.add_argument(
+                "--check",
+                action="store_true",
+                help="Then test the new checkpoint (exit status 1 when the test fails).",
+            )
+        add(
+            "check",
+            "Test a variant's current checkpoint with one small request (exit status 1 when "
+            "it fails); the result is recorded.",
+        ).add_argument("variant_id", help="Variant id.")
 
     # --- dispatch --------------------------------------------------------------------
 
@@ -206,7 +225,8 @@ class Command(BaseCommand):
                 getattr(self, "_cmd_" + name.replace("-", "_"))(options)
         except CommandError as exc:
             if self.as_json:
-                self.stdout.write(json.dumps({"ok": False, "error": str(exc)}))
+                payload = getattr(exc, "payload", {})
+                self.stdout.write(json.dumps({"ok": False, "error": str(exc), **payload}))
             raise
 
     def _emit(self, text: str | list[str], payload: dict[str, Any]) -> None:
@@ -498,7 +518,9 @@ class Command(BaseCommand):
         version = self._call(
             services.hot_swap, variant=variant, upstream=upstream, api_key=api_key, by=self.actor
         )
-        self._emit_version("Hot-swapped", variant, version, new_key=api_key is not None)
+        self._emit_version(
+            "Hot-swapped", variant, version, new_key=api_key is not None, check=options["check"]
+        )
 
     def _cmd_rotate_key(self, options: dict[str, Any]) -> None:
         variant = self._variant(options["variant_id"])
@@ -511,10 +533,37 @@ class Command(BaseCommand):
                 "rotate-key needs a key: pass --api-key-env VAR or run it in a terminal."
             )
         version = self._call(services.rotate_key, variant=variant, api_key=api_key, by=self.actor)
-        self._emit_version("Rotated the key of", variant, version, new_key=True)
+        self._emit_version(
+            "Rotated the key of", variant, version, new_key=True, check=options["check"]
+        )
+
+    def _cmd_check(self, options: dict[str, Any]) -> None:
+        variant = self._variant(options["variant_id"])
+        check = self._call(services.check_slot, variant=variant, by=self.actor)
+        line, payload = self._check_result(variant, check)
+        self._emit(line, payload)
+
+    @staticmethod
+    def _check_result(variant: Variant, check: CheckpointCheck) -> tuple[str, dict[str, Any]]:
+        """The test's line and JSON; raises (exit status 1) when the checkpoint failed it."""
+        version = VariantVersion.objects.get(pk=check.version_id)
+        subject = f"Connection test of slot {variant.label!r} ({version.internal_id})"
+        payload = {
+            "check": {
+                "version_id": str(check.version_id),
+                "ok": check.ok,
+                "status_code": check.status_code,
+                "latency_ms": check.latency_ms,
+                "reason": check.reason,
+                "checked_at": _timestamp(check.checked_at),
+            }
+        }
+        if not check.ok:
+            raise RefusedWith(f"{subject} failed: {check.summary}.", payload)
+        return f"{subject} passed: {check.summary}.", payload
 
     def _emit_version(
-        self, verb: str, variant: Variant, version: VariantVersion, *, new_key: bool
+        self, verb: str, variant: Variant, version: VariantVersion, *, new_key: bool, check: bool
     ) -> None:
         checkpoint = {
             "id": str(version.pk),
@@ -524,12 +573,22 @@ class Command(BaseCommand):
             "effective_at": _timestamp(version.effective_at),
             "new_key": new_key,
         }
-        self._emit(
+        lines = [
             f"{verb} variant {variant.label!r}: version {version.pk} "
             f"({version.internal_id} at {version.base_url_host}), key "
-            f"{'replaced' if new_key else 'kept'}.",
-            {"version": checkpoint},
-        )
+            f"{'replaced' if new_key else 'kept'}."
+        ]
+        payload: dict[str, Any] = {"version": checkpoint}
+        if check:
+            tested = self._call(services.check_checkpoint, version=version, by=self.actor)
+            try:
+                line, result = self._check_result(variant, tested)
+            except RefusedWith as failed:
+                # The new checkpoint is in place (and serving if the experiment is active).
+                raise RefusedWith(f"{lines[0]} {failed}", {**payload, **failed.payload}) from None
+            lines.append(line)
+            payload.update(result)
+        self._emit(lines, payload)
 
     @staticmethod
     def _read_upstream(path: str) -> Any:
@@ -585,7 +644,15 @@ class Command(BaseCommand):
     def _transition(self, action: str, options: dict[str, Any]) -> None:
         experiment = self._experiment(options["id"])
         before = (experiment.status, experiment.is_archived)
+        warnings = (
+            services.activation_warnings(experiment)
+            if action == "activate" and experiment.can_activate
+            else []
+        )
         after = self._call(services.TRANSITIONS[action], experiment=experiment, by=self.actor)
+        for warning in warnings:
+            # Staff may activate despite a failed test, as in the admin; it is said, not hidden.
+            self.stderr.write(f"WARNING: {_one_line(warning)}")
         changed = (after.status, after.is_archived) != before
         state = f"{after.status}, {'archived' if after.is_archived else 'not archived'}"
         text = (
@@ -593,4 +660,12 @@ class Command(BaseCommand):
             if changed
             else f"Experiment {after.pk}: {action}: nothing to do; already {state}."
         )
-        self._emit(text, {"action": action, "changed": changed, "experiment": self._summary(after)})
+        self._emit(
+            text,
+            {
+                "action": action,
+                "changed": changed,
+                "warnings": warnings,
+                "experiment": self._summary(after),
+            },
+        )
