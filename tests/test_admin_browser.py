@@ -9,8 +9,10 @@ from django.urls import reverse
 
 from experiments import services
 from experiments.models import Experiment, ExperimentStatus
+from gateway.models import GatewayToken
+from gateway.tokens import hash_token
 from tests.browser import chromium_page, screenshot
-from tests.factories import SuperUserFactory
+from tests.factories import SuperUserFactory, UserFactory
 from tests.upstream import PARTNER_API_KEY
 
 # pytest-django's live server and playwright's sync API share the test thread.
@@ -157,3 +159,38 @@ def test_hot_swap_error_is_shown_next_to_the_field_in_the_browser(live_server):
         assert "Base URL must be an http(s) URL with a host" in errors
         assert page.input_value("#id_api_key") == ""  # the key is never rendered back
         assert not services.current_version(experiment.variants.get())
+
+
+def test_staff_creates_copies_and_revokes_a_gateway_token_in_the_browser(live_server):
+    SuperUserFactory(username="operator")
+    dana = UserFactory(username="dana")
+    base = live_server.url
+    with chromium_page() as page:
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
+        log_in(page, base, "operator")
+
+        # From the user's page: "Add gateway token" opens the form for that user.
+        page.goto(base + reverse("admin:auth_user_change", args=[dana.pk]))
+        page.click("a.mx-add-token")
+        assert page.input_value("#id_user") == str(dana.pk)
+        page.fill("#id_name", "laptop")
+        page.click("input[name=_save]")
+        plaintext = page.inner_text("#mx-token")
+        page.click("#mx-copy-token")
+        page.wait_for_selector("#mx-copy-done:not([hidden])")
+        assert page.evaluate("navigator.clipboard.readText()") == plaintext
+        screenshot(page, "gateway-token-created")
+        token = GatewayToken.objects.get()
+        assert (token.user, token.token_sha256) == (dana, hash_token(plaintext))
+
+        # Never shown again; revoked from its page after a confirmation.
+        page.click("text=Done")
+        assert plaintext not in page.content()
+        page.click("a.mx-revoke-token")
+        screenshot(page, "gateway-token-revoke-confirmation")
+        page.click("#mx-confirm-revoke")
+        assert "Revoked token" in page.inner_text("ul.messagelist")
+        assert page.locator("a.mx-revoke-token").count() == 0
+
+    token.refresh_from_db()
+    assert token.revoked_at is not None
