@@ -112,7 +112,7 @@ def _locked_experiment(experiment: Experiment | Any) -> Experiment:
     try:
         return Experiment.objects.select_for_update().get(pk=pk)
     except Experiment.DoesNotExist:
-        raise ExperimentError(f"Experiment {pk} does not exist.") from None
+        raise ExperimentError(f"No experiment matches '{pk}'.") from None
 
 
 def _locked_variant(variant: Variant | Any) -> Variant:
@@ -120,7 +120,7 @@ def _locked_variant(variant: Variant | Any) -> Variant:
     try:
         return Variant.objects.select_for_update().select_related("experiment").get(pk=pk)
     except Variant.DoesNotExist:
-        raise ExperimentError(f"Variant {pk} does not exist.") from None
+        raise ExperimentError(f"No variant matches '{pk}'.") from None
 
 
 def _require_draft(experiment: Experiment, what: str) -> None:
@@ -784,7 +784,7 @@ def check_checkpoint(*, version: VariantVersion | Any, by=None) -> CheckpointChe
     pk = version.pk if isinstance(version, VariantVersion) else version
     row = VariantVersion.with_ciphertext.select_related("variant__experiment").filter(pk=pk).first()
     if row is None:
-        raise ExperimentError(f"No checkpoint version {pk}.")
+        raise ExperimentError(f"No checkpoint version matches '{pk}'.")
     try:
         api_key = crypto.decrypt_api_key(row.encrypted_api_key)
     except crypto.EncryptionKeyError as exc:
@@ -821,7 +821,7 @@ def check_slot(*, variant: Variant | Any, by=None) -> CheckpointCheck:
     pk = variant.pk if isinstance(variant, Variant) else variant
     slot = Variant.objects.filter(pk=pk).first()
     if slot is None:
-        raise ExperimentError(f"No variant {pk}.")
+        raise ExperimentError(f"No variant matches '{pk}'.")
     version = current_version(slot)
     if version is None:
         raise InvalidInput(

@@ -206,7 +206,7 @@ def test_transition_on_a_missing_experiment_is_a_clear_error():
     experiment = make_experiment()
     missing_pk = experiment.pk
     services.delete_experiment(experiment=experiment)
-    with pytest.raises(services.ExperimentError, match="does not exist"):
+    with pytest.raises(services.ExperimentError, match="No experiment matches"):
         services.activate(experiment=missing_pk)
 
 

@@ -6,14 +6,13 @@ formats output.
 
 Conventions:
 
-* ``--json`` and ``--by USERNAME`` are accepted before or after the subcommand.
-* Success: text on stdout (or one JSON object ``{"ok": true, ...}`` with ``--json``),
-  exit status 0. An idempotent repeat (activating an active experiment) is a
-  success that reports ``changed: false``.
-* Refusal or bad input: a one-line reason on stderr (``CommandError: ...``) and
-  exit status 1; with ``--json`` the same reason is also printed on stdout as
-  ``{"ok": false, "error": "..."}``. Usage errors caught by the argument parser
-  (unknown subcommand, missing required option) exit with status 2 and no JSON.
+* An experiment is named by its id, a unique prefix of it or its public model id; a
+  variant by its id, a unique prefix of it or ``EXPERIMENT:LABEL``
+  (``experiments.selectors``).
+* ``--json`` and ``--by USERNAME`` are accepted before or after the subcommand; output
+  and exit status follow ``experiments.management.output`` (one JSON object with
+  ``--json``; a refusal is exit status 1). An idempotent repeat (activating an
+  active experiment) is a success that reports ``changed: false``.
 * A partner key is read from the environment variable named by ``--api-key-env``
   or typed at a hidden prompt; never from an argument, which would land in shell
   history and process lists. Neither the key nor its ciphertext is ever printed.
@@ -27,21 +26,23 @@ import json
 import os
 import re
 import sys
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db.models import BooleanField, Count, ExpressionWrapper, Q
 
-from experiments import services
+from experiments import selectors, services
+from experiments.management.output import CommandRefusal, JsonCommand, add_json_option
 from experiments.models import CheckpointCheck, Experiment, Variant, VariantVersion
 
 #: Larger upstream files are certainly a mistake (the allowlist is a handful of fields).
 MAX_UPSTREAM_FILE_BYTES = 256 * 1024
 ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+EXPERIMENT_HELP = "Experiment: its id, a unique prefix of it, or its public model id."
+VARIANT_HELP = "Variant: its id, a unique prefix of it, or EXPERIMENT:LABEL."
 
 
 def _one_line(message: str) -> str:
@@ -69,14 +70,6 @@ def _key_cell(checkpoint: dict[str, Any]) -> str:
     return f"configured (key {fingerprint})" if fingerprint else "configured (key unknown)"
 
 
-class RefusedWith(CommandError):
-    """A failure that also reports what was done, in the JSON output."""
-
-    def __init__(self, message: str, payload: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.payload = payload
-
-
 def _redact_unrecognized(error: Callable[[str], Any]) -> Callable[[str], Any]:
     """Wrap a parser's ``error`` so a mistyped ``--api-key sk-...`` is never echoed back."""
 
@@ -91,7 +84,7 @@ def _redact_unrecognized(error: Callable[[str], Any]) -> Callable[[str], Any]:
     return redacted
 
 
-class Command(BaseCommand):
+class Command(JsonCommand):
     help = (
         "Manage model experiments: list, show, create, edit variants, hot-swap checkpoints, "
         "rotate keys and move through the lifecycle. All rules live in experiments.services."
@@ -107,13 +100,10 @@ class Command(BaseCommand):
         return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--json", action="store_true", help="Print one JSON object.")
         parser.add_argument("--by", metavar="USERNAME", help="Record this user in the history.")
         # The same options after the subcommand; SUPPRESS keeps a value given before it.
         shared = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        shared.add_argument(
-            "--json", action="store_true", default=argparse.SUPPRESS, help="Print one JSON object."
-        )
+        add_json_option(shared, after_subcommand=True)
         shared.add_argument(
             "--by",
             metavar="USERNAME",
@@ -136,14 +126,14 @@ class Command(BaseCommand):
             ("archive", "Hide an experiment from default lists (not while active)."),
             ("unarchive", "Show an archived experiment in default lists again."),
         ):
-            add(action, verb).add_argument("id", help="Experiment id.")
+            add(action, verb).add_argument("id", help=EXPERIMENT_HELP)
 
     @staticmethod
     def _add_read_commands(add: Callable[[str, str], CommandParser]) -> None:
         listing = add("list", "List experiments (archived ones only with --all).")
         listing.add_argument("--all", action="store_true", help="Include archived experiments.")
         add("show", "Show an experiment, its variants and their current checkpoints.").add_argument(
-            "id", help="Experiment id."
+            "id", help=EXPERIMENT_HELP
         )
 
     @staticmethod
@@ -153,35 +143,35 @@ class Command(BaseCommand):
         create.add_argument("--name", required=True)
         create.add_argument("--description", default="")
         update = add("update", "Change name, description or (draft only) public model id.")
-        update.add_argument("id", help="Experiment id.")
+        update.add_argument("id", help=EXPERIMENT_HELP)
         update.add_argument("--name")
         update.add_argument("--description")
         update.add_argument("--public-model-id")
         delete = add("delete", "Delete a draft experiment (asks for confirmation).")
-        delete.add_argument("id", help="Experiment id.")
+        delete.add_argument("id", help=EXPERIMENT_HELP)
         delete.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
 
     @staticmethod
     def _add_variant_commands(add: Callable[[str, str], CommandParser]) -> None:
         variant = add("add-variant", "Add a variant slot to a draft; prints its id.")
-        variant.add_argument("id", help="Experiment id.")
+        variant.add_argument("id", help=EXPERIMENT_HELP)
         variant.add_argument("--label", required=True)
         # Strings on purpose: the service owns the "positive whole number" rule.
         variant.add_argument("--weight", required=True)
         add("remove-variant", "Remove a variant slot from a draft.").add_argument(
-            "variant_id", help="Variant id."
+            "variant_id", help=VARIANT_HELP
         )
         label = add("label", "Relabel a variant (cosmetic; never rebuckets).")
-        label.add_argument("variant_id", help="Variant id.")
+        label.add_argument("variant_id", help=VARIANT_HELP)
         label.add_argument("label")
         weight = add("weight", "Set a variant's weight (draft only).")
-        weight.add_argument("variant_id", help="Variant id.")
+        weight.add_argument("variant_id", help=VARIANT_HELP)
         weight.add_argument("weight")
 
     @staticmethod
     def _add_checkpoint_commands(add: Callable[[str, str], CommandParser]) -> None:
         swap = add("swap", "Hot-swap a new checkpoint into a variant slot.")
-        swap.add_argument("variant_id", help="Variant id.")
+        swap.add_argument("variant_id", help=VARIANT_HELP)
         swap.add_argument(
             "--upstream-file",
             required=True,
@@ -194,7 +184,7 @@ class Command(BaseCommand):
             help="Environment variable holding a new partner key (omit to keep the current key).",
         )
         rotate = add("rotate-key", "Rotate a variant's partner key (same upstream).")
-        rotate.add_argument("variant_id", help="Variant id.")
+        rotate.add_argument("variant_id", help=VARIANT_HELP)
         rotate.add_argument(
             "--api-key-env",
             metavar="VAR",
@@ -210,30 +200,17 @@ class Command(BaseCommand):
             "check",
             "Test a variant's current checkpoint with one small request (exit status 1 when "
             "it fails); the result is recorded.",
-        ).add_argument("variant_id", help="Variant id.")
+        ).add_argument("variant_id", help=VARIANT_HELP)
 
     # --- dispatch --------------------------------------------------------------------
 
     def handle(self, *args: Any, **options: Any) -> None:
-        self.as_json = options["json"]
         name = options["subcommand"]
-        try:
-            self.actor = self._resolve_actor(options["by"])
-            if name in services.TRANSITIONS:
-                self._transition(name, options)
-            else:
-                getattr(self, "_cmd_" + name.replace("-", "_"))(options)
-        except CommandError as exc:
-            if self.as_json:
-                payload = getattr(exc, "payload", {})
-                self.stdout.write(json.dumps({"ok": False, "error": str(exc), **payload}))
-            raise
-
-    def _emit(self, text: str | list[str], payload: dict[str, Any]) -> None:
-        if self.as_json:
-            self.stdout.write(json.dumps({"ok": True, **payload}))
+        self.actor = self._resolve_actor(options["by"])
+        if name in services.TRANSITIONS:
+            self._transition(name, options)
         else:
-            self.stdout.write("\n".join(text) if isinstance(text, list) else text)
+            getattr(self, "_cmd_" + name.replace("-", "_"))(options)
 
     @staticmethod
     def _call(service: Callable[..., Any], **kwargs: Any) -> Any:
@@ -252,28 +229,21 @@ class Command(BaseCommand):
         try:
             return User.objects.get(**{User.USERNAME_FIELD: username})
         except User.DoesNotExist:
-            raise CommandError(f"--by: no user named {username!r}.") from None
+            raise CommandError(f"No user matches {username!r} (--by).") from None
 
     @staticmethod
-    def _uuid(value: str, what: str) -> uuid.UUID:
+    def _experiment(reference: str) -> Experiment:
         try:
-            return uuid.UUID(value)
-        except ValueError:
-            raise CommandError(f"{value!r} is not a valid {what} id (expected a UUID).") from None
+            return selectors.find_experiment(reference)
+        except selectors.NotFound as exc:
+            raise CommandError(str(exc)) from None
 
-    def _experiment(self, value: str) -> Experiment:
-        pk = self._uuid(value, "experiment")
-        experiment = Experiment.objects.filter(pk=pk).select_related("created_by").first()
-        if experiment is None:
-            raise CommandError(f"Experiment {pk} does not exist.")
-        return experiment
-
-    def _variant(self, value: str) -> Variant:
-        pk = self._uuid(value, "variant")
-        variant = Variant.objects.filter(pk=pk).select_related("experiment").first()
-        if variant is None:
-            raise CommandError(f"Variant {pk} does not exist.")
-        return variant
+    @staticmethod
+    def _variant(reference: str) -> Variant:
+        try:
+            return selectors.find_variant(reference)
+        except selectors.NotFound as exc:
+            raise CommandError(str(exc)) from None
 
     # --- reading ---------------------------------------------------------------------
 
@@ -319,7 +289,7 @@ class Command(BaseCommand):
         }
 
     def _variants(self, experiment: Experiment) -> list[dict[str, Any]]:
-        variants = list(experiment.variants.order_by("id"))
+        variants = list(experiment.variants.order_by("created_at", "id"))
         total = sum(v.weight for v in variants)
         return [
             {
@@ -355,7 +325,7 @@ class Command(BaseCommand):
             for row in rows
         ]
         text = _table(headers, cells) if rows else ["No experiments."]
-        self._emit(text, {"experiments": rows})
+        self.emit(text, {"experiments": rows})
 
     def _cmd_show(self, options: dict[str, Any]) -> None:
         experiment = self._experiment(options["id"])
@@ -383,7 +353,7 @@ class Command(BaseCommand):
             *self._variant_lines(summary["variants"]),
             *(f"WARNING: {_one_line(warning)}" for warning in summary["key_warnings"]),
         ]
-        self._emit(lines, {"experiment": summary})
+        self.emit(lines, {"experiment": summary})
 
     @staticmethod
     def _variant_lines(variants: list[dict[str, Any]]) -> list[str]:
@@ -407,7 +377,7 @@ class Command(BaseCommand):
                     _key_cell(cp),
                 )
             )
-        return ["Variants (id order, the order users are bucketed in):", *_table(headers, rows)]
+        return ["Variants (in the order they were created):", *_table(headers, rows)]
 
     # --- experiments -----------------------------------------------------------------
 
@@ -419,7 +389,7 @@ class Command(BaseCommand):
             description=options["description"],
             by=self.actor,
         )
-        self._emit(
+        self.emit(
             str(experiment.pk), {"id": str(experiment.pk), "experiment": self._summary(experiment)}
         )
 
@@ -433,14 +403,14 @@ class Command(BaseCommand):
         updated = self._call(
             services.update_experiment, experiment=experiment, by=self.actor, **fields
         )
-        self._emit(f"Updated experiment {updated.pk}.", {"experiment": self._summary(updated)})
+        self.emit(f"Updated experiment {updated.pk}.", {"experiment": self._summary(updated)})
 
     def _cmd_delete(self, options: dict[str, Any]) -> None:
         experiment = self._experiment(options["id"])
         if not options["yes"]:
             self._confirm_delete(experiment)
         self._call(services.delete_experiment, experiment=experiment, by=self.actor)
-        self._emit(f"Deleted experiment {experiment.pk}.", {"id": str(experiment.pk)})
+        self.emit(f"Deleted experiment {experiment.pk}.", {"id": str(experiment.pk)})
 
     def _confirm_delete(self, experiment: Experiment) -> None:
         if not sys.stdin.isatty():
@@ -465,19 +435,19 @@ class Command(BaseCommand):
             weight=options["weight"],
             by=self.actor,
         )
-        self._emit(str(variant.pk), {"id": str(variant.pk), "variant": self._variant_json(variant)})
+        self.emit(str(variant.pk), {"id": str(variant.pk), "variant": self._variant_json(variant)})
 
     def _cmd_remove_variant(self, options: dict[str, Any]) -> None:
         variant = self._variant(options["variant_id"])
         self._call(services.remove_variant, variant=variant, by=self.actor)
-        self._emit(f"Removed variant {variant.pk}.", {"id": str(variant.pk)})
+        self.emit(f"Removed variant {variant.pk}.", {"id": str(variant.pk)})
 
     def _cmd_label(self, options: dict[str, Any]) -> None:
         variant = self._variant(options["variant_id"])
         renamed = self._call(
             services.rename_variant, variant=variant, label=options["label"], by=self.actor
         )
-        self._emit(
+        self.emit(
             f"Variant {renamed.pk} is labelled {renamed.label!r}.",
             {"variant": self._variant_json(renamed)},
         )
@@ -487,7 +457,7 @@ class Command(BaseCommand):
         updated = self._call(
             services.set_variant_weight, variant=variant, weight=options["weight"], by=self.actor
         )
-        self._emit(
+        self.emit(
             f"Variant {updated.pk} has weight {updated.weight}.",
             {"variant": self._variant_json(updated)},
         )
@@ -541,7 +511,7 @@ class Command(BaseCommand):
         variant = self._variant(options["variant_id"])
         check = self._call(services.check_slot, variant=variant, by=self.actor)
         line, payload = self._check_result(variant, check)
-        self._emit(line, payload)
+        self.emit(line, payload)
 
     @staticmethod
     def _check_result(variant: Variant, check: CheckpointCheck) -> tuple[str, dict[str, Any]]:
@@ -559,7 +529,7 @@ class Command(BaseCommand):
             }
         }
         if not check.ok:
-            raise RefusedWith(f"{subject} failed: {check.summary}.", payload)
+            raise CommandRefusal(f"{subject} failed: {check.summary}.", payload)
         return f"{subject} passed: {check.summary}.", payload
 
     def _emit_version(
@@ -583,12 +553,14 @@ class Command(BaseCommand):
             tested = self._call(services.check_checkpoint, version=version, by=self.actor)
             try:
                 line, result = self._check_result(variant, tested)
-            except RefusedWith as failed:
+            except CommandRefusal as failed:
                 # The new checkpoint is in place (and serving if the experiment is active).
-                raise RefusedWith(f"{lines[0]} {failed}", {**payload, **failed.payload}) from None
+                raise CommandRefusal(
+                    f"{lines[0]} {failed}", {**payload, **failed.payload}
+                ) from None
             lines.append(line)
             payload.update(result)
-        self._emit(lines, payload)
+        self.emit(lines, payload)
 
     @staticmethod
     def _read_upstream(path: str) -> Any:
@@ -660,7 +632,7 @@ class Command(BaseCommand):
             if changed
             else f"Experiment {after.pk}: {action}: nothing to do; already {state}."
         )
-        self._emit(
+        self.emit(
             text,
             {
                 "action": action,

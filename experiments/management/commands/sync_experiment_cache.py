@@ -6,21 +6,18 @@ next routing-relevant change.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError
 from django_redis.exceptions import ConnectionInterrupted
 from redis.exceptions import RedisError
 
 from experiments import routing_cache
+from experiments.management.output import JsonCommand
 
 
-class Command(BaseCommand):
+class Command(JsonCommand):
     help = "Rebuild the Redis routing membership and payloads from the database."
-
-    def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--json", action="store_true", help="Print one JSON object.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
@@ -32,10 +29,8 @@ class Command(BaseCommand):
                 f"Cannot reach the cache (Redis) to rebuild the routing cache ({reason}); "
                 "check REDIS_URL and that Redis is running, then run this command again."
             ) from None
-        if options["json"]:
-            self.stdout.write(json.dumps({"ok": True, **summary}))
-            return
-        self.stdout.write(
+        self.emit(
             f"Routing cache rebuilt: {summary['public_ids']} public id(s) with an active or "
-            f"paused experiment; membership generation {summary['generation']}."
+            f"paused experiment; membership generation {summary['generation']}.",
+            summary,
         )
