@@ -72,7 +72,7 @@ SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 SECURE_PROXY_SSL_HEADER = env_pair("SECURE_PROXY_SSL_HEADER")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "config.apps.AdminConfig",  # django.contrib.admin, titled "Model Experiments"
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -82,6 +82,8 @@ INSTALLED_APPS = [
     "django_jsonform",
     "experiments",
     "gateway",
+    # The demo upstream and `manage.py demo`, apart from what serves production traffic.
+    "gateway.demo",
 ]
 
 MIDDLEWARE = [

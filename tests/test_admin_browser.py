@@ -72,6 +72,8 @@ def test_staff_runs_an_experiment_from_draft_to_completed_on_its_change_page(
     SuperUserFactory(username="operator")
     base = live_server.url
     with chromium_page() as page:
+        missing = []  # no page, script, style or icon of the session is missing
+        page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
         log_in(page, base, "operator")
 
         # Two slots in the same submit as the experiment; weights start at 1.
@@ -133,6 +135,8 @@ def test_staff_runs_an_experiment_from_draft_to_completed_on_its_change_page(
         assert "Completed (paused → completed)" in page.inner_text("ul.messagelist")
         assert page.url == change_url
         assert page.locator("a.mx-hot-swap-link").count() == 0
+        assert page.title().endswith("| Model Experiments")
+        assert missing == []
 
     experiment.refresh_from_db()
     assert experiment.status == ExperimentStatus.COMPLETED
