@@ -670,11 +670,14 @@ class ExperimentAdmin(admin.ModelAdmin):
         """A lifecycle button of the change page; confirms first when it must."""
         if action not in services.TRANSITIONS:
             raise Http404
-        if not self.has_transition_permission(request):
-            raise PermissionDenied
         experiment = self.get_object(request, unquote(object_id))
         if experiment is None:
             raise Http404
+        if not (
+            self.has_transition_permission(request)
+            and self.has_view_or_change_permission(request, experiment)
+        ):
+            raise PermissionDenied
         change_url = reverse("admin:experiments_experiment_change", args=[experiment.pk])
         warned = action == "activate" and experiment.can_activate
         needs_confirmation = action in CONFIRMED_TRANSITIONS or (
@@ -912,9 +915,12 @@ class ExperimentAdmin(admin.ModelAdmin):
 
     def test_connection_view(self, request, object_id: str, variant_id) -> HttpResponse:
         """POST: test the slot's current checkpoint, then go back where the button was."""
-        if not may_test_checkpoints(request):
-            raise PermissionDenied
         variant = self._variant_for(request, object_id, variant_id)
+        if not (
+            may_test_checkpoints(request)
+            and self.has_view_or_change_permission(request, variant.experiment)
+        ):
+            raise PermissionDenied
         if request.method != "POST":
             return self._back_to_experiment(variant)
         try:

@@ -175,6 +175,14 @@ def test_transition_page_needs_the_transition_permission(client):
     assert experiment.status == S.DRAFT
 
 
+def test_transition_page_also_needs_seeing_the_experiment(client):
+    client.force_login(staff_with("transition_experiment"))
+    experiment = make_experiment()
+    assert client.post(transition_url(experiment, "activate")).status_code == 403
+    experiment.refresh_from_db()
+    assert experiment.status == S.DRAFT
+
+
 def test_unknown_transition_is_not_found(staff_client):
     assert staff_client.post(transition_url(make_experiment(), "explode")).status_code == 404
 
