@@ -124,6 +124,11 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# Behind PgBouncer in transaction pooling mode, a cursor cannot outlive its transaction:
+# QuerySet.iterator() must then read in chunks on the client instead.
+DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = env_bool(
+    "DATABASE_DISABLE_SERVER_SIDE_CURSORS", False
+)
 if os.environ.get("TEST_DATABASE_NAME"):
     # Lets several test runs share one PostgreSQL server without clashing.
     DATABASES["default"]["TEST"] = {"NAME": os.environ["TEST_DATABASE_NAME"]}
