@@ -311,3 +311,16 @@ def test_activate_command_warns_on_stderr_about_a_failed_test(keyed_upstream, ca
     assert err.startswith(f"WARNING: Connection test of slot {variant.label!r}")
     variant.experiment.refresh_from_db()
     assert variant.experiment.status == S.ACTIVE
+
+
+def test_show_names_each_current_checkpoints_last_test(keyed_upstream, canary_key):
+    variant = slot_on(keyed_upstream, api_key=canary_key)
+    services.check_slot(variant=variant)
+    out, _ = run("show", str(variant.experiment_id), "--json")
+    shown = {v["label"]: v["current_checkpoint"] for v in json.loads(out)["experiment"]["variants"]}
+    assert (shown[variant.label]["last_check"]["ok"], shown["slot-b"]["last_check"]) == (
+        False,
+        None,
+    )
+    text, _ = run("show", str(variant.experiment_id))
+    assert "LAST TEST" in text and "failed 20" in text and "not tested" in text

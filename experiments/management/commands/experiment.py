@@ -63,6 +63,22 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
+def _check_json(check: CheckpointCheck) -> dict[str, Any]:
+    return {
+        "ok": check.ok,
+        "status_code": check.status_code,
+        "latency_ms": check.latency_ms,
+        "reason": check.reason,
+        "checked_at": _timestamp(check.checked_at),
+    }
+
+
+def _check_cell(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return "not tested"
+    return f"{'passed' if check['ok'] else 'failed'} {check['checked_at']}"
+
+
 def _key_cell(checkpoint: dict[str, Any]) -> str:
     if not checkpoint.get("key_configured"):
         return "-"
@@ -279,6 +295,7 @@ class Command(JsonCommand):
         )
         if version is None:
             return None
+        check = selectors.latest_checks([version.pk]).get(version.pk)
         return {
             "id": str(version.pk),
             "internal_id": version.internal_id,
@@ -286,6 +303,7 @@ class Command(JsonCommand):
             "effective_at": _timestamp(version.effective_at),
             "key_configured": bool(version.key_configured),
             "key_fingerprint": version.key_fingerprint or None,
+            "last_check": _check_json(check) if check else None,
         }
 
     def _variants(self, experiment: Experiment) -> list[dict[str, Any]]:
@@ -360,7 +378,7 @@ class Command(JsonCommand):
         if not variants:
             return ["No variants."]
         headers = ("VARIANT ID", "LABEL", "WEIGHT", "SHARE", "CHECKPOINT", "VERSION ID")
-        headers += ("BASE URL HOST", "EFFECTIVE AT", "KEY")
+        headers += ("BASE URL HOST", "EFFECTIVE AT", "KEY", "LAST TEST")
         rows = []
         for v in variants:
             cp = v["current_checkpoint"] or {}
@@ -375,6 +393,7 @@ class Command(JsonCommand):
                     cp.get("base_url_host", "-"),
                     cp.get("effective_at", "-"),
                     _key_cell(cp),
+                    _check_cell(cp.get("last_check")),
                 )
             )
         return ["Variants (in the order they were created):", *_table(headers, rows)]
@@ -518,16 +537,7 @@ class Command(JsonCommand):
         """The test's line and JSON; raises (exit status 1) when the checkpoint failed it."""
         version = VariantVersion.objects.get(pk=check.version_id)
         subject = f"Connection test of slot {variant.label!r} ({version.internal_id})"
-        payload = {
-            "check": {
-                "version_id": str(check.version_id),
-                "ok": check.ok,
-                "status_code": check.status_code,
-                "latency_ms": check.latency_ms,
-                "reason": check.reason,
-                "checked_at": _timestamp(check.checked_at),
-            }
-        }
+        payload = {"check": {"version_id": str(check.version_id), **_check_json(check)}}
         if not check.ok:
             raise CommandRefusal(f"{subject} failed: {check.summary}.", payload)
         return f"{subject} passed: {check.summary}.", payload
