@@ -72,7 +72,7 @@ SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 SECURE_PROXY_SSL_HEADER = env_pair("SECURE_PROXY_SSL_HEADER")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "config.apps.AdminConfig",  # django.contrib.admin, titled "Model Experiments"
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -82,6 +82,8 @@ INSTALLED_APPS = [
     "django_jsonform",
     "experiments",
     "gateway",
+    # The demo upstream and `manage.py demo`, apart from what serves production traffic.
+    "gateway.demo",
 ]
 
 MIDDLEWARE = [
@@ -134,6 +136,11 @@ if DATABASES["default"]["ENGINE"].endswith("postgresql"):
         keepalives_count=3,
         tcp_user_timeout=30_000,  # ms a sent query may stay unacknowledged
     )
+# Behind PgBouncer in transaction pooling mode, a cursor cannot outlive its transaction:
+# QuerySet.iterator() must then read in chunks on the client instead.
+DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = env_bool(
+    "DATABASE_DISABLE_SERVER_SIDE_CURSORS", False
+)
 if os.environ.get("TEST_DATABASE_NAME"):
     # Lets several test runs share one PostgreSQL server without clashing.
     DATABASES["default"]["TEST"] = {"NAME": os.environ["TEST_DATABASE_NAME"]}
@@ -264,6 +271,13 @@ GATEWAY_SPOOL_DIR = Path(os.environ.get("GATEWAY_SPOOL_DIR", "") or BASE_DIR / "
 GATEWAY_SPOOL_MAX_BYTES = env_int("GATEWAY_SPOOL_MAX_BYTES", 1024 * 1024 * 1024)
 # How often spooled records are fdatasync'ed: what a machine crash can lose.
 GATEWAY_SPOOL_FSYNC_SECONDS = env_float("GATEWAY_SPOOL_FSYNC_SECONDS", 1.0)
+
+# --- Checkpoint connection tests --------------------------------------------
+# The callable that sends a checkpoint's test request. experiments never imports
+# gateway; the services load this by name (the gateway's client, by default).
+CHECKPOINT_CHECKER = os.environ.get("CHECKPOINT_CHECKER", "gateway.checks.check_checkpoint")
+# A test waits at most this long for the partner (connect, then between reads).
+CHECKPOINT_CHECK_TIMEOUT_SECONDS = env_float("CHECKPOINT_CHECK_TIMEOUT_SECONDS", 20.0)
 
 # --- Prompt store (SPEC §9) --------------------------------------------------
 PROMPT_STORE_BACKEND = os.environ.get("PROMPT_STORE_BACKEND", "local")  # local | s3

@@ -1,5 +1,7 @@
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import include, path
+from django.views.generic import RedirectView
 
 urlpatterns = [
     # Report pages live under the experiment's admin URL; listed first so the
@@ -7,4 +9,6 @@ urlpatterns = [
     path("admin/", include("experiments.report_urls")),
     path("admin/", admin.site.urls),
     path("", include("gateway.urls")),
+    # Browsers ask for it on any page; the admin's pages link the same icon.
+    path("favicon.ico", RedirectView.as_view(url=static("experiments/favicon.svg"))),
 ]

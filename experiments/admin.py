@@ -1,48 +1,52 @@
 """The Django admin: a thin editing surface over ``experiments.services``.
 
-No lifecycle rule lives here. Every write (create, edit, variants, hot-swap,
-key rotation, transitions, delete) is a call into ``services``; a refusal comes
-back as ``ExperimentError`` and is shown next to the field it names, and the
-refused save changes nothing. The services also write the admin history
-(LogEntry), so the ModelAdmin's own logging is switched off.
+No lifecycle rule lives here. What is shown and editable follows the model's
+predicates (``structure_editable``, ``can_activate``, …), which the services enforce
+too; every write is a call into ``services``. Inputs are checked with the services'
+own rules while the forms validate, so every error of a submit shows at once; the
+valid change is then applied through the services in ``save_model`` and
+``save_related``, inside the admin's transaction. The services write the admin
+history (LogEntry) themselves, so the ModelAdmin's own logging is switched off.
 
-Django's change view saves the parent form and the inline formsets in
-separate steps, and a failure after validation can no longer be shown as a
-form error. So the whole save is applied at the end of validation (in the
-variant formset's ``clean``, which runs after the parent form validated), in
-a savepoint: on a refusal the savepoint rolls back and the errors are shown;
-on success ``save_model``/``save_related`` have nothing left to do.
+Pages of our own (lifecycle transitions, hot-swap, key rotation, connection tests)
+are registered in ``ExperimentAdmin.get_urls`` and wrapped by ``admin_view``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected as django_delete_selected
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import transaction
-from django.db.models import Count, OuterRef, Prefetch, Subquery, Sum
-from django.forms.models import BaseInlineFormSet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, F, OuterRef, Prefetch, Subquery, Sum, Window
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from experiments import services
+from experiments import selectors, services
 from experiments.forms import (
     ExperimentForm,
     HotSwapForm,
     RotateKeyForm,
-    show_service_error,
+    VariantForm,
+    VariantFormSet,
     upstream_initial,
 )
-from experiments.models import Experiment, ExperimentStatus, Variant, VariantVersion
+from experiments.models import (
+    CheckpointCheck,
+    Experiment,
+    ExperimentStatus,
+    Variant,
+    VariantVersion,
+)
 from experiments.services import ExperimentError
 
 TRANSITION_PERMISSION = "experiments.transition_experiment"
@@ -56,6 +60,9 @@ STATUS_COLOURS = {
     ExperimentStatus.COMPLETED: "#1d4ed8",
 }
 
+#: Transitions whose consequences staff confirm on a page of their own first.
+CONFIRMED_TRANSITIONS = ("complete", "archive")
+
 
 def status_badge_html(experiment: Experiment) -> str:
     return format_html(
@@ -65,6 +72,43 @@ def status_badge_html(experiment: Experiment) -> str:
         STATUS_COLOURS.get(experiment.status, "#6b7280"),
         experiment.get_status_display(),
     )
+
+
+def transition_label(experiment: Experiment, action: str) -> str:
+    if action == "activate" and experiment.status == ExperimentStatus.PAUSED:
+        return "Resume"
+    return action.capitalize()
+
+
+def transition_consequences(experiment: Experiment, action: str) -> list[str]:
+    """What a transition does, in the words of its confirmation page."""
+    public_id = experiment.public_model_id
+    if action == "complete":
+        return [
+            f"{public_id!r} stops routing to this experiment at once: clients calling it get "
+            "404 model_not_found, or the default upstream when one is configured.",
+            "Completing is final: the experiment cannot be resumed, and its slots and "
+            "checkpoints can no longer change.",
+            "Its requests, stats and history stay.",
+        ]
+    if action == "archive":
+        lines = ["It leaves the default experiment list; the “archived” filter shows it."]
+        if experiment.status == ExperimentStatus.PAUSED:
+            lines.append(
+                f"It stays paused: {public_id!r} does not route (clients get 404 "
+                "model_not_found) and it cannot be resumed until it is unarchived."
+            )
+        elif experiment.status == ExperimentStatus.DRAFT:
+            lines.append("It cannot be activated until it is unarchived.")
+        return lines
+    if action == "activate":
+        return [f"{public_id!r} starts routing to this experiment's checkpoints."]
+    if action == "pause":
+        return [
+            f"{public_id!r} stops routing: clients get 404 model_not_found until it is "
+            "resumed; users keep their slot."
+        ]
+    return ["It shows in the default experiment list again."]
 
 
 class ArchivedFilter(admin.SimpleListFilter):
@@ -96,35 +140,51 @@ class ArchivedFilter(admin.SimpleListFilter):
 # --- variants inline ------------------------------------------------------------------
 
 
-class VariantFormSet(BaseInlineFormSet):
-    """Applies the whole change form through the services once everything validated."""
+def _checkpoint_operations(request: HttpRequest, experiment: Experiment | None) -> set[str]:
+    """The per-slot checkpoint pages this user may open for this experiment now."""
+    if experiment is None or not experiment.checkpoints_editable:
+        return set()
+    allowed = set()
+    if request.user.has_perm(HOTSWAP_PERMISSION):
+        allowed.add("hot_swap")
+    if request.user.has_perm(ROTATE_KEY_PERMISSION):
+        allowed.add("rotate_key")
+    return allowed
 
-    #: Set per request by ``VariantInline.get_formset``.
-    request: HttpRequest | None = None
-    model_admin: ExperimentAdmin | None = None
 
-    def clean(self) -> None:
-        super().clean()
-        if any(self.errors):
-            return
-        parent_form = getattr(self.request, "_experiment_parent_form", None)
-        if parent_form is None:  # the parent form is invalid: show its errors, apply nothing
-            return
-        self.model_admin.apply_change_form(self.request, parent_form, self)
+def may_test_checkpoints(request: HttpRequest) -> bool:
+    """A test sends one request with the partner key; anyone who may load or rotate
+    checkpoints, or activate them, may run it."""
+    return any(
+        request.user.has_perm(permission)
+        for permission in (HOTSWAP_PERMISSION, ROTATE_KEY_PERMISSION, TRANSITION_PERMISSION)
+    )
+
+
+def check_html(check: CheckpointCheck | None) -> str:
+    if check is None:
+        return format_html('<span class="mx-check mx-check-none">{}</span>', "not tested")
+    return format_html(
+        '<span class="mx-check mx-check-{}" title="{}">{} {}</span>',
+        "ok" if check.ok else "failed",
+        check.checked_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "✓" if check.ok else "✗",
+        check.summary,
+    )
 
 
 class VariantInline(admin.TabularInline):
     model = Variant
+    form = VariantForm
     formset = VariantFormSet
     fields = ("label", "weight", "share", "checkpoints", "checkpoint_links")
     readonly_fields = ("share", "checkpoints", "checkpoint_links")
     can_delete = True
     show_change_link = False
     verbose_name = "variant (slot)"
-    verbose_name_plural = "variants (slots)"
+    verbose_name_plural = "variants (slots), in the order they were created"
 
-    # The inline is part of the experiment: its permissions are the experiment's,
-    # so the variant formset (which applies the save) is always present.
+    # The inline is part of the experiment: its permissions are the experiment's.
     def _experiment_perm(self, request: HttpRequest, action: str) -> bool:
         return request.user.has_perm(f"experiments.{action}_experiment")
 
@@ -134,52 +194,57 @@ class VariantInline(admin.TabularInline):
     def has_add_permission(self, request, obj=None) -> bool:
         if obj is None:
             return self._experiment_perm(request, "add")
-        return self._experiment_perm(request, "change") and obj.status == ExperimentStatus.DRAFT
+        return self._experiment_perm(request, "change") and obj.structure_editable
 
     def has_change_permission(self, request, obj=None) -> bool:
         if obj is None:
             return self._experiment_perm(request, "add")
-        return self._experiment_perm(request, "change") and obj.status != ExperimentStatus.COMPLETED
+        return self._experiment_perm(request, "change") and obj.labels_editable
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return self.has_add_permission(request, obj)
 
     def get_extra(self, request, obj=None, **kwargs) -> int:
-        return 2 if obj is None else 0
+        # Rows for the two slots an experiment needs at least.
+        if obj is None:
+            return 2
+        return max(0, 2 - obj.variants.count()) if obj.structure_editable else 0
 
     def get_readonly_fields(self, request, obj=None):
         fields = list(super().get_readonly_fields(request, obj))
-        if obj is not None and obj.status != ExperimentStatus.DRAFT:
-            fields.insert(0, "weight")  # structural: only in draft (SPEC §3)
+        if obj is not None and not obj.structure_editable:
+            fields.insert(0, "weight")  # moves bucket boundaries: draft only (SPEC §3)
         return fields
 
     def get_queryset(self, request):
-        history = VariantVersion.objects.select_related("created_by").order_by(
-            "-effective_at", "-id"
+        checks = CheckpointCheck.objects.order_by("-checked_at", "-id")
+        history = (
+            VariantVersion.objects.select_related("created_by")
+            .prefetch_related(Prefetch("checks", queryset=checks, to_attr="recent_checks"))
+            .order_by("-effective_at", "-id")
         )
         current = VariantVersion.objects.filter(variant=OuterRef("pk")).effective_at()
         return (
             super()
             .get_queryset(request)
-            .annotate(current_version_id=Subquery(current.values("pk")[:1]))
+            .annotate(
+                current_version_id=Subquery(current.values("pk")[:1]),
+                total_weight=Window(Sum("weight"), partition_by=[F("experiment_id")]),
+            )
             .prefetch_related(Prefetch("versions", queryset=history))
+            # Creation order for people; users are bucketed in id order, never shown.
+            .order_by("created_at", "id")
         )
 
     def get_formset(self, request, obj=None, **kwargs):
-        formset = super().get_formset(request, obj, **kwargs)
-        self.request = request
-        self.total_weight = (
-            obj.variants.aggregate(total=Sum("weight"))["total"] if obj is not None else None
-        )
-        return type(
-            formset.__name__,
-            (formset,),
-            {"request": request, "model_admin": self.admin_site._registry[Experiment]},
-        )
+        # Inline instances are made per request (ModelAdmin.get_inline_instances), so the
+        # user's checkpoint operations for this experiment can live on this one.
+        self.checkpoint_operations = _checkpoint_operations(request, obj)
+        return super().get_formset(request, obj, **kwargs)
 
     @admin.display(description="share")
     def share(self, variant: Variant) -> str:
-        total = getattr(self, "total_weight", None)
+        total = getattr(variant, "total_weight", None)
         if variant._state.adding or not total:
             return "—"
         return f"{variant.weight / total * 100:.1f}%"
@@ -194,7 +259,7 @@ class VariantInline(admin.TabularInline):
         current_id = getattr(variant, "current_version_id", None)
         rows = format_html_join(
             "",
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             (
                 (
                     format_html(' class="mx-current-version" title="{}"', "current checkpoint")
@@ -207,28 +272,30 @@ class VariantInline(admin.TabularInline):
                     # Every version is stored with a key (new or carried over); the key
                     # itself is never read here (the column is deferred).
                     f"Key configured (key {version.key_fingerprint or 'unknown'})",
+                    check_html(version.recent_checks[0] if version.recent_checks else None),
                 )
                 for version in versions
             ),
         )
         return format_html(
             '<table class="mx-versions"><thead><tr><th>internal id</th><th>base URL host</th>'
-            "<th>effective</th><th>who</th><th>key</th></tr></thead><tbody>{}</tbody></table>",
+            "<th>effective</th><th>who</th><th>key</th><th>last connection test</th></tr>"
+            "</thead><tbody>{}</tbody></table>",
             rows,
         )
 
     @admin.display(description="checkpoint")
     def checkpoint_links(self, variant: Variant) -> str:
-        request = getattr(self, "request", None)
-        if variant._state.adding or request is None:
+        if variant._state.adding:
             return "Save first, then load a checkpoint."
+        operations = getattr(self, "checkpoint_operations", set())
         links = []
-        if request.user.has_perm(HOTSWAP_PERMISSION):
+        if "hot_swap" in operations:
             url = reverse(
                 "admin:experiments_experiment_hot_swap", args=[variant.experiment_id, variant.pk]
             )
             links.append((url, "mx-hot-swap-link", "Hot-swap checkpoint"))
-        if request.user.has_perm(ROTATE_KEY_PERMISSION):
+        if "rotate_key" in operations and getattr(variant, "current_version_id", None):
             url = reverse(
                 "admin:experiments_experiment_rotate_key", args=[variant.experiment_id, variant.pk]
             )
@@ -249,6 +316,17 @@ TRANSITION_RESULTS = {
 }
 
 
+class ExperimentChangeList(ChangeList):
+    """The changelist, with each listed experiment's traffic of the last 24 hours read in
+    one aggregate query for the whole page (not one per row)."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        traffic = selectors.recent_traffic([experiment.pk for experiment in self.result_list])
+        for experiment in self.result_list:
+            experiment.recent_traffic = traffic.get(experiment.pk, selectors.Traffic())
+
+
 @admin.register(Experiment)
 class ExperimentAdmin(admin.ModelAdmin):
     form = ExperimentForm
@@ -258,6 +336,9 @@ class ExperimentAdmin(admin.ModelAdmin):
         "public_model_id",
         "status_badge",
         "variant_count",
+        "requests_last_day",
+        "error_rate_last_day",
+        "stats_link",
         "started_at",
         "ended_at",
         "is_archived",
@@ -285,7 +366,7 @@ class ExperimentAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         fields = list(self.lifecycle_fields)
-        if obj is not None and obj.status != ExperimentStatus.DRAFT:
+        if obj is not None and not obj.structure_editable:
             fields.append("public_model_id")  # routing identity: only in draft (SPEC §3)
         return fields
 
@@ -297,6 +378,11 @@ class ExperimentAdmin(admin.ModelAdmin):
             .annotate(variant_total=Count("variants", distinct=True))
         )
 
+    def get_changelist(self, request, **kwargs):
+        return ExperimentChangeList
+
+    # --- columns --------------------------------------------------------------------
+
     @admin.display(description="status", ordering="status")
     def status_badge(self, experiment: Experiment) -> str:
         return status_badge_html(experiment)
@@ -305,122 +391,135 @@ class ExperimentAdmin(admin.ModelAdmin):
     def variant_count(self, experiment: Experiment) -> int:
         return experiment.variant_total
 
+    @admin.display(description="requests (24 h)")
+    def requests_last_day(self, experiment: Experiment) -> int:
+        return experiment.recent_traffic.requests
+
+    @admin.display(description="errors (24 h)")
+    def error_rate_last_day(self, experiment: Experiment) -> str:
+        rate = experiment.recent_traffic.error_rate
+        return "—" if rate is None else f"{rate * 100:.1f}%"
+
+    @admin.display(description="stats")
+    def stats_link(self, experiment: Experiment) -> str:
+        url = reverse("experiments_experiment_stats", args=[experiment.pk])
+        return format_html('<a href="{}" class="mx-stats-link">Stats</a>', url)
+
     # --- permissions ----------------------------------------------------------------
 
     def has_transition_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm(TRANSITION_PERMISSION)
 
     def has_delete_permission(self, request, obj=None) -> bool:
-        # Mirrors the service rule only to hide the button; services.delete_experiment decides.
         allowed = super().has_delete_permission(request, obj)
-        return allowed and (obj is None or obj.status == ExperimentStatus.DRAFT)
+        return allowed and (obj is None or obj.deletable)
 
-    # --- pages ----------------------------------------------------------------------
+    # --- the change page: the control room ----------------------------------------------
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         experiment = self.get_object(request, unquote(object_id))
         if experiment is not None:
-            extra_context = {
-                **(extra_context or {}),
-                "key_warnings": services.key_warnings(experiment),
-            }
+            extra_context = {**(extra_context or {}), **self._control_room(request, experiment)}
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def _control_room(self, request: HttpRequest, experiment: Experiment) -> dict[str, Any]:
+        transitions = []
+        if self.has_transition_permission(request):
+            transitions = [
+                {
+                    "name": action,
+                    "label": transition_label(experiment, action),
+                    "url": reverse(
+                        "admin:experiments_experiment_transition", args=[experiment.pk, action]
+                    ),
+                    "confirm": action in CONFIRMED_TRANSITIONS,
+                }
+                for action in experiment.available_transitions()
+            ]
+        checklist = []
+        if experiment.can_activate:
+            slots = {variant.label: variant.pk for variant in experiment.variants.all()}
+            may_test = may_test_checkpoints(request)
+            for item in services.activation_checklist(experiment):
+                slot = item.key.partition("test:")[2]
+                test_url = ""
+                if slot and may_test:
+                    test_url = reverse(
+                        "admin:experiments_experiment_test_connection",
+                        args=[experiment.pk, slots[slot]],
+                    )
+                checklist.append({"item": item, "test_url": test_url})
+        return {
+            "key_warnings": services.key_warnings(experiment),
+            "transitions": transitions,
+            "checklist": checklist,
+            "status_badge": status_badge_html(experiment),
+        }
 
     # --- saving through the services ------------------------------------------------
 
-    def save_form(self, request, form, change):
-        # Reached only when the parent form validated; the variant formset's clean
-        # (next) applies the whole change through the services.
-        request._experiment_parent_form = form
-        return form.instance
-
-    def apply_change_form(
-        self, request: HttpRequest, form: forms.ModelForm, formset: VariantFormSet
-    ) -> None:
-        """Apply the change form through the services, all or nothing."""
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
         try:
-            with transaction.atomic():
-                experiment = self._apply_experiment_fields(request, form)
-                self._apply_variant_forms(request, experiment, formset)
-        except _VariantFormRefused as refused:
-            show_service_error(refused.form, refused.error)
-            raise ValidationError("Nothing was saved: see the error in the variants.") from None
-        except ExperimentError as error:
-            show_service_error(form, error)
-            raise ValidationError("Nothing was saved: see the error above.") from None
-        request._experiment_applied = True
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        except ExperimentError as refused:
+            # Every input was checked while validating, so only a change made by someone
+            # else since the page loaded gets here; the save's transaction rolled back.
+            self.message_user(request, f"Nothing was saved: {refused.message}", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
 
-    def _apply_experiment_fields(self, request, form) -> Experiment:
-        instance = form.instance
-        if instance._state.adding:
-            created = services.create_experiment(
-                public_model_id=form.cleaned_data["public_model_id"],
-                name=form.cleaned_data["name"],
-                description=form.cleaned_data.get("description", ""),
-                by=request.user,
-            )
-            # The admin redirects with the form's instance: make it the created row.
-            for field in Experiment._meta.concrete_fields:
-                setattr(instance, field.attname, getattr(created, field.attname))
-            instance._state.adding = False
-            instance._state.db = created._state.db
-            return created
-        changes = {
-            field: form.cleaned_data[field]
-            for field in ("name", "description", "public_model_id")
-            if field in form.changed_data
-        }
-        if changes:
-            return services.update_experiment(experiment=instance, by=request.user, **changes)
-        return instance
-
-    def _apply_variant_forms(self, request, experiment: Experiment, formset) -> None:
-        deleted, existing, new = [], [], []
-        for variant_form in formset.forms:
-            if not variant_form.has_changed() and variant_form.instance.pk is None:
-                continue
-            is_new = variant_form.instance._state.adding
-            if variant_form.cleaned_data.get("DELETE"):
-                if not is_new:
-                    deleted.append(variant_form)
-            elif is_new:
-                new.append(variant_form)
-            elif variant_form.changed_data:
-                existing.append(variant_form)
-        # Removals first, so a freed label can be reused in the same save.
-        for variant_form in deleted:
-            with _refusal_shown_on(variant_form):
-                services.remove_variant(variant=variant_form.instance.pk, by=request.user)
-        for variant_form in existing:
-            variant = variant_form.instance
-            with _refusal_shown_on(variant_form):
-                if "label" in variant_form.changed_data:
-                    services.rename_variant(
-                        variant=variant.pk,
-                        label=variant_form.cleaned_data["label"],
-                        by=request.user,
-                    )
-                if "weight" in variant_form.changed_data:
-                    services.set_variant_weight(
-                        variant=variant.pk,
-                        weight=variant_form.cleaned_data["weight"],
-                        by=request.user,
-                    )
-        for variant_form in new:
-            with _refusal_shown_on(variant_form):
-                services.add_variant(
-                    experiment=experiment,
-                    label=variant_form.cleaned_data["label"],
-                    weight=variant_form.cleaned_data["weight"],
-                    by=request.user,
-                )
+    def save_form(self, request, form, change):
+        return form.instance  # written by save_model through the services
 
     def save_model(self, request, obj, form, change):
-        if not getattr(request, "_experiment_applied", False):
-            raise PermissionDenied("The change was not applied through the services.")
+        if change:
+            changes = {
+                field: form.cleaned_data[field]
+                for field in ("name", "description", "public_model_id")
+                if field in form.changed_data
+            }
+            if changes:
+                services.update_experiment(experiment=obj, by=request.user, **changes)
+            return
+        created = services.create_experiment(
+            public_model_id=form.cleaned_data["public_model_id"],
+            name=form.cleaned_data["name"],
+            description=form.cleaned_data.get("description", ""),
+            by=request.user,
+        )
+        # The admin redirects to the form's instance: make it the created row.
+        for field in Experiment._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(created, field.attname))
+        obj._state.adding, obj._state.db = False, created._state.db
 
     def save_related(self, request, form, formsets, change):
-        """Already applied by ``apply_change_form``."""
+        for formset in formsets:  # the variants inline is the only one
+            self._save_variants(request, form.instance, formset)
+
+    @staticmethod
+    def _save_variants(request, experiment: Experiment, formset: VariantFormSet) -> None:
+        deleted = [form for form in formset.deleted_forms if form in formset.initial_forms]
+        # Removals first, so a freed label can be reused in the same save.
+        for form in deleted:
+            services.remove_variant(variant=form.instance.pk, by=request.user)
+        for form in formset.initial_forms:
+            if form in deleted:
+                continue
+            if "label" in form.changed_data:
+                services.rename_variant(
+                    variant=form.instance.pk, label=form.cleaned_data["label"], by=request.user
+                )
+            if "weight" in form.changed_data:
+                services.set_variant_weight(
+                    variant=form.instance.pk, weight=form.cleaned_data["weight"], by=request.user
+                )
+        for form in formset.extra_forms:
+            if form.has_changed() and not form.cleaned_data.get("DELETE"):
+                services.add_variant(
+                    experiment=experiment,
+                    label=form.cleaned_data["label"],
+                    weight=form.cleaned_data["weight"],
+                    by=request.user,
+                )
 
     def delete_model(self, request, obj):
         try:
@@ -465,7 +564,7 @@ class ExperimentAdmin(admin.ModelAdmin):
         perms_needed = set() if self.has_delete_permission(request) else {"experiment"}
         return summary, model_count, perms_needed, []
 
-    # --- actions --------------------------------------------------------------------
+    # --- transitions: buttons on the change page, and the changelist's actions --------------
 
     def changelist_view(self, request, extra_context=None):
         if any("\x00" in value for values in request.GET.lists() for value in values[1]):
@@ -480,10 +579,10 @@ class ExperimentAdmin(admin.ModelAdmin):
             raise PermissionDenied
         return super().changelist_view(request, extra_context)
 
-    def _run_transition(self, request: HttpRequest, queryset, name: str) -> None:
+    def _run_transition(self, request: HttpRequest, experiments: Iterable[Experiment], name: str):
         service = services.TRANSITIONS[name]
         done, already = TRANSITION_RESULTS[name]
-        for experiment in queryset.order_by("name", "pk"):
+        for experiment in experiments:
             before = _lifecycle_state(experiment)
             try:
                 after = service(experiment=experiment, by=request.user)
@@ -501,25 +600,46 @@ class ExperimentAdmin(admin.ModelAdmin):
                     messages.SUCCESS,
                 )
 
+    def _transition_action(self, request: HttpRequest, queryset, name: str):
+        experiments = list(queryset.order_by("name", "pk"))
+        confirm = name in CONFIRMED_TRANSITIONS or (
+            name == "activate"
+            and any(e.can_activate and services.activation_warnings(e) for e in experiments)
+        )
+        if confirm and request.POST.get("post") != "yes":
+            hidden = [("action", name), ("post", "yes")] + [
+                (ACTION_CHECKBOX_NAME, str(e.pk)) for e in experiments
+            ]
+            return self._confirmation_page(
+                request,
+                experiments,
+                name,
+                form_url=request.get_full_path(),
+                hidden=hidden,
+                cancel_url=request.get_full_path(),
+            )
+        self._run_transition(request, experiments, name)
+        return None
+
     @admin.action(description="Activate or resume selected experiments", permissions=["transition"])
     def activate(self, request, queryset):
-        self._run_transition(request, queryset, "activate")
+        return self._transition_action(request, queryset, "activate")
 
     @admin.action(description="Pause selected experiments", permissions=["transition"])
     def pause(self, request, queryset):
-        self._run_transition(request, queryset, "pause")
+        return self._transition_action(request, queryset, "pause")
 
-    @admin.action(description="Complete selected experiments", permissions=["transition"])
+    @admin.action(description="Complete selected experiments…", permissions=["transition"])
     def complete(self, request, queryset):
-        self._run_transition(request, queryset, "complete")
+        return self._transition_action(request, queryset, "complete")
 
-    @admin.action(description="Archive selected experiments", permissions=["transition"])
+    @admin.action(description="Archive selected experiments…", permissions=["transition"])
     def archive(self, request, queryset):
-        self._run_transition(request, queryset, "archive")
+        return self._transition_action(request, queryset, "archive")
 
     @admin.action(description="Unarchive selected experiments", permissions=["transition"])
     def unarchive(self, request, queryset):
-        self._run_transition(request, queryset, "unarchive")
+        return self._transition_action(request, queryset, "unarchive")
 
     @admin.action(description="Delete selected draft experiments", permissions=["delete"])
     def delete_selected(self, request, queryset):
@@ -546,10 +666,83 @@ class ExperimentAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{name}: deleted.", messages.SUCCESS)
         return None
 
-    # --- hot-swap and key rotation pages ---------------------------------------------
+    def transition_view(self, request: HttpRequest, object_id: str, action: str) -> HttpResponse:
+        """A lifecycle button of the change page; confirms first when it must."""
+        if action not in services.TRANSITIONS:
+            raise Http404
+        experiment = self.get_object(request, unquote(object_id))
+        if experiment is None:
+            raise Http404
+        if not (
+            self.has_transition_permission(request)
+            and self.has_view_or_change_permission(request, experiment)
+        ):
+            raise PermissionDenied
+        change_url = reverse("admin:experiments_experiment_change", args=[experiment.pk])
+        warned = action == "activate" and experiment.can_activate
+        needs_confirmation = action in CONFIRMED_TRANSITIONS or (
+            warned and bool(services.activation_warnings(experiment))
+        )
+        confirmed = request.POST.get("confirmed") == "yes"
+        if request.method == "POST" and (confirmed or not needs_confirmation):
+            self._run_transition(request, [experiment], action)
+            return HttpResponseRedirect(change_url)
+        return self._confirmation_page(
+            request,
+            [experiment],
+            action,
+            form_url=request.path,
+            hidden=[("confirmed", "yes")],
+            cancel_url=change_url,
+        )
+
+    def _confirmation_page(
+        self,
+        request: HttpRequest,
+        experiments: list[Experiment],
+        action: str,
+        *,
+        form_url: str,
+        hidden: list[tuple[str, str]],
+        cancel_url: str,
+    ) -> TemplateResponse:
+        verb = transition_label(experiments[0], action) if len(experiments) == 1 else action
+        rows = [
+            {
+                "experiment": experiment,
+                "status_badge": status_badge_html(experiment),
+                "consequences": transition_consequences(experiment, action),
+                "warnings": services.activation_warnings(experiment)
+                if action == "activate" and experiment.can_activate
+                else [],
+            }
+            for experiment in experiments
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": f"{verb.capitalize()} {_names(experiments)}?",
+            "action": action,
+            "verb": verb.capitalize(),
+            "rows": rows,
+            "warned": any(row["warnings"] for row in rows),
+            "form_url": form_url,
+            "hidden": hidden,
+            "cancel_url": cancel_url,
+        }
+        return TemplateResponse(
+            request, "admin/experiments/experiment/transition_confirm.html", context
+        )
+
+    # --- pages of our own --------------------------------------------------------------
 
     def get_urls(self):
         own = [
+            path(
+                "<path:object_id>/transition/<str:action>/",
+                self.admin_site.admin_view(self.transition_view),
+                name="experiments_experiment_transition",
+            ),
             path(
                 "<path:object_id>/variants/<uuid:variant_id>/hot-swap/",
                 self.admin_site.admin_view(self.hot_swap_view),
@@ -560,12 +753,15 @@ class ExperimentAdmin(admin.ModelAdmin):
                 self.admin_site.admin_view(self.rotate_key_view),
                 name="experiments_experiment_rotate_key",
             ),
+            path(
+                "<path:object_id>/variants/<uuid:variant_id>/test-connection/",
+                self.admin_site.admin_view(self.test_connection_view),
+                name="experiments_experiment_test_connection",
+            ),
         ]
         return own + super().get_urls()
 
-    def _variant_for(self, request, object_id: str, variant_id, permission: str) -> Variant:
-        if not request.user.has_perm(permission):
-            raise PermissionDenied
+    def _variant_for(self, request, object_id: str, variant_id) -> Variant:
         return get_object_or_404(
             Variant.objects.select_related("experiment"),
             pk=variant_id,
@@ -573,7 +769,13 @@ class ExperimentAdmin(admin.ModelAdmin):
         )
 
     def _checkpoint_page(
-        self, request, variant: Variant, form: forms.Form, title: str, template: str
+        self,
+        request,
+        variant: Variant,
+        form: forms.Form,
+        title: str,
+        template: str,
+        return_to: str,
     ) -> HttpResponse:
         current = services.current_version(variant)
         context = {
@@ -584,6 +786,16 @@ class ExperimentAdmin(admin.ModelAdmin):
             "status_badge": status_badge_html(variant.experiment),
             "variant": variant,
             "current_version": current,
+            "last_check": selectors.latest_checks([current.pk]).get(current.pk)
+            if current
+            else None,
+            "test_url": reverse(
+                "admin:experiments_experiment_test_connection",
+                args=[variant.experiment_id, variant.pk],
+            )
+            if current
+            else "",
+            "return_to": return_to,
             "form": form,
             "media": self.media + form.media,
             "change_url": reverse(
@@ -598,8 +810,45 @@ class ExperimentAdmin(admin.ModelAdmin):
             reverse("admin:experiments_experiment_change", args=[variant.experiment_id])
         )
 
+    def _checkpoint_slot(
+        self, request, object_id: str, variant_id, permission: str, what: str
+    ) -> tuple[Variant, HttpResponse | None]:
+        """The slot of a checkpoint page, and the way back when its experiment's status no
+        longer allows the operation (None: go ahead)."""
+        if not request.user.has_perm(permission):
+            raise PermissionDenied
+        variant = self._variant_for(request, object_id, variant_id)
+        if variant.experiment.checkpoints_editable:
+            return variant, None
+        self.message_user(
+            request, f"Cannot {what}: experiment is {variant.experiment.status}.", messages.ERROR
+        )
+        return variant, self._back_to_experiment(variant)
+
+    def _test_after_saving(self, request, variant: Variant, version: VariantVersion, form) -> None:
+        if not form.cleaned_data.get("test_connection"):
+            return
+        try:
+            check = services.check_checkpoint(version=version, by=request.user)
+        except ExperimentError as error:
+            self.message_user(request, f"Not tested: {error.message}", messages.WARNING)
+        else:
+            self._report_check(request, variant, check)
+
+    def _report_check(self, request, variant: Variant, check: CheckpointCheck) -> None:
+        verdict = "passed" if check.ok else "failed"
+        self.message_user(
+            request,
+            f"Slot {variant.label!r}: connection test {verdict} ({check.summary}).",
+            messages.SUCCESS if check.ok else messages.ERROR,
+        )
+
     def hot_swap_view(self, request, object_id: str, variant_id) -> HttpResponse:
-        variant = self._variant_for(request, object_id, variant_id, HOTSWAP_PERMISSION)
+        variant, refused = self._checkpoint_slot(
+            request, object_id, variant_id, HOTSWAP_PERMISSION, "hot-swap"
+        )
+        if refused:
+            return refused
         current = services.current_version(variant)
         form = HotSwapForm(
             request.POST if request.method == "POST" else None,
@@ -622,6 +871,7 @@ class ExperimentAdmin(admin.ModelAdmin):
                     f"Variant {variant.label!r} now serves {version.internal_id!r}.",
                     messages.SUCCESS,
                 )
+                self._test_after_saving(request, variant, version, form)
                 return self._back_to_experiment(variant)
         if form.is_bound:
             form.redact_for_redisplay()
@@ -631,14 +881,19 @@ class ExperimentAdmin(admin.ModelAdmin):
             form,
             f"Hot-swap checkpoint: {variant.label}",
             "admin/experiments/experiment/hot_swap.html",
+            "hot_swap",
         )
 
     def rotate_key_view(self, request, object_id: str, variant_id) -> HttpResponse:
-        variant = self._variant_for(request, object_id, variant_id, ROTATE_KEY_PERMISSION)
+        variant, refused = self._checkpoint_slot(
+            request, object_id, variant_id, ROTATE_KEY_PERMISSION, "rotate the key"
+        )
+        if refused:
+            return refused
         form = RotateKeyForm(request.POST if request.method == "POST" else None)
         if request.method == "POST" and form.is_valid():
             try:
-                services.rotate_key(
+                version = services.rotate_key(
                     variant=variant, api_key=form.cleaned_data["api_key"], by=request.user
                 )
             except ExperimentError as error:
@@ -647,6 +902,7 @@ class ExperimentAdmin(admin.ModelAdmin):
                 self.message_user(
                     request, f"Rotated the key of variant {variant.label!r}.", messages.SUCCESS
                 )
+                self._test_after_saving(request, variant, version, form)
                 return self._back_to_experiment(variant)
         return self._checkpoint_page(
             request,
@@ -654,23 +910,41 @@ class ExperimentAdmin(admin.ModelAdmin):
             form,
             f"Rotate key: {variant.label}",
             "admin/experiments/experiment/rotate_key.html",
+            "rotate_key",
         )
+
+    def test_connection_view(self, request, object_id: str, variant_id) -> HttpResponse:
+        """POST: test the slot's current checkpoint, then go back where the button was."""
+        variant = self._variant_for(request, object_id, variant_id)
+        if not (
+            may_test_checkpoints(request)
+            and self.has_view_or_change_permission(request, variant.experiment)
+        ):
+            raise PermissionDenied
+        if request.method != "POST":
+            return self._back_to_experiment(variant)
+        try:
+            check = services.check_slot(variant=variant, by=request.user)
+        except ExperimentError as error:
+            self.message_user(request, error.message, messages.ERROR)
+        else:
+            self._report_check(request, variant, check)
+        back = request.POST.get("return_to")
+        if back in ("hot_swap", "rotate_key"):
+            return HttpResponseRedirect(
+                reverse(
+                    f"admin:experiments_experiment_{back}",
+                    args=[variant.experiment_id, variant.pk],
+                )
+            )
+        return self._back_to_experiment(variant)
 
 
 def _lifecycle_state(experiment: Experiment) -> str:
     return f"{experiment.status}, archived" if experiment.is_archived else str(experiment.status)
 
 
-class _VariantFormRefused(Exception):
-    def __init__(self, form: forms.BaseForm, error: ExperimentError):
-        self.form = form
-        self.error = error
-
-
-@contextmanager
-def _refusal_shown_on(form: forms.BaseForm) -> Iterator[None]:
-    """Tag a service refusal with the variant row it belongs to."""
-    try:
-        yield
-    except ExperimentError as error:
-        raise _VariantFormRefused(form, error) from None
+def _names(experiments: list[Experiment]) -> str:
+    if len(experiments) == 1:
+        return repr(experiments[0].name)
+    return f"{len(experiments)} experiments"

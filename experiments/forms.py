@@ -7,19 +7,32 @@ field it names by ``show_service_error``, so staff see why nothing was saved.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
 from django.core.exceptions import ValidationError
+from django.forms.models import BaseInlineFormSet
 from django_jsonform.utils import join_coords
 from django_jsonform.widgets import JSONFormWidget
 
-from experiments.models import Experiment
+from experiments import services
+from experiments.models import Experiment, Variant
 from experiments.services import ExperimentError, InvalidInput
 from experiments.upstream import upstream_json_schema
 
 
+def _by_service(cleaner: Callable[[Any], Any], value: Any) -> Any:
+    """Apply a service's input rule in a form, so its wording shows next to the field."""
+    try:
+        return cleaner(value)
+    except InvalidInput as refused:
+        raise ValidationError(refused.message) from None
+
+
 class ExperimentForm(forms.ModelForm):
+    """Name, public id and description; the services' rules apply at validation time."""
+
     class Meta:
         model = Experiment
         fields = ["name", "public_model_id", "description"]
@@ -28,21 +41,76 @@ class ExperimentForm(forms.ModelForm):
             "public_model_id": forms.TextInput(attrs={"size": 40}),
         }
 
+    def clean_name(self) -> str:
+        return _by_service(services.clean_name, self.cleaned_data["name"])
+
+    def clean_public_model_id(self) -> str:
+        return _by_service(services.clean_public_model_id, self.cleaned_data["public_model_id"])
+
+    def clean_description(self) -> str:
+        return _by_service(services.clean_description, self.cleaned_data["description"])
+
+
+class VariantForm(forms.ModelForm):
+    """One slot row. A new slot's weight starts at 1."""
+
+    class Meta:
+        model = Variant
+        fields = ["label", "weight"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "weight" in self.fields:
+            # Text, so "1.5" or "abc" reach the service's rule and its wording.
+            self.fields["weight"] = forms.CharField(
+                label="Weight",
+                initial=1,
+                widget=forms.NumberInput(attrs={"min": 1, "step": 1, "style": "width: 6em"}),
+            )
+
+    def clean_label(self) -> str:
+        return _by_service(services.clean_label, self.cleaned_data["label"])
+
+    def clean_weight(self) -> int:
+        return _by_service(services.clean_weight, self.cleaned_data["weight"])
+
+    def validate_unique(self) -> None:
+        """Labels are compared across the whole formset instead (VariantFormSet.clean),
+        with every row's new value; the services check again when saving."""
+
+
+class VariantFormSet(BaseInlineFormSet):
+    def clean(self) -> None:
+        super().clean()
+        rows: dict[str, list[forms.BaseForm]] = {}
+        for form in self.forms:
+            if not hasattr(form, "cleaned_data") or self._should_delete_form(form):
+                continue
+            label = form.cleaned_data.get("label", form.instance.label if form.instance.pk else "")
+            if label:
+                rows.setdefault(label, []).append(form)
+        for label, forms_with_label in rows.items():
+            if len(forms_with_label) > 1:
+                for form in forms_with_label:
+                    form.add_error(
+                        "label" if "label" in form.fields else None,
+                        f"Two slots are labelled {label!r}; labels must differ.",
+                    )
+
+    def validate_unique(self) -> None:
+        """Replaced by ``clean``: Django's wording names model internals."""
+
 
 def show_service_error(form: forms.BaseForm, error: ExperimentError) -> None:
-    """Attach a service refusal to the form field it concerns (or the whole form)."""
+    """Attach a service refusal to the form field it concerns (or the whole form).
+
+    Refusals with several locations (an upstream document's fields) show every message:
+    each is a sentence naming the field it is about.
+    """
     target = error.field if error.field in form.fields else None
     locations = error.errors if isinstance(error, InvalidInput) else {}
-    if locations and set(locations) != {error.field}:
-        # Locations inside the field, e.g. "opencode_settings.ai_sdk_provider" of upstream.
-        form.add_error(
-            target,
-            [
-                message if location == error.field else f"{location}: {message}"
-                for location, messages in locations.items()
-                for message in messages
-            ],
-        )
+    if locations:
+        form.add_error(target, [message for messages in locations.values() for message in messages])
     else:
         form.add_error(target, error.message)
 
@@ -75,6 +143,8 @@ def editor_value_to_upstream(value: Any) -> Any:
 
 class UpstreamEditorField(forms.JSONField):
     """The upstream JSON, edited with django-jsonform from the strict pydantic schema."""
+
+    default_error_messages = {"invalid": "The upstream is not valid JSON."}
 
     def __init__(self, **kwargs):
         kwargs.setdefault("widget", JSONFormWidget(schema=upstream_json_schema))
@@ -117,6 +187,15 @@ class ApiKeyField(forms.CharField):
         super().__init__(**kwargs)
 
 
+def _test_after_saving_field() -> forms.BooleanField:
+    return forms.BooleanField(
+        label="Test connection after saving",
+        required=False,
+        initial=True,
+        help_text="Sends one small request to the new checkpoint and records the result.",
+    )
+
+
 class HotSwapForm(forms.Form):
     upstream = UpstreamEditorField(
         label="Upstream",
@@ -127,6 +206,7 @@ class HotSwapForm(forms.Form):
         required=False,
         help_text="Leave empty to keep the current key.",
     )
+    test_connection = _test_after_saving_field()
 
     def __init__(self, *args, key_required: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -188,6 +268,7 @@ def _without_refused_or_key(value: Any, refused: set[str], key: str, where: str)
 
 class RotateKeyForm(forms.Form):
     api_key = ApiKeyField(label="New partner API key", required=True)
+    test_connection = _test_after_saving_field()
 
     def show_service_error(self, error: ExperimentError) -> None:
         show_service_error(self, error)

@@ -21,6 +21,8 @@ class ExperimentStatus(models.TextChoices):
 
 #: Statuses in which an experiment takes part in routing for its public id.
 ROUTING_STATUSES = (ExperimentStatus.ACTIVE, ExperimentStatus.PAUSED)
+#: The lifecycle transitions, in the order the UI offers them.
+TRANSITION_NAMES = ("activate", "pause", "complete", "archive", "unarchive")
 
 
 class Experiment(models.Model):
@@ -76,6 +78,54 @@ class Experiment(models.Model):
     @property
     def is_routing(self) -> bool:
         return self.status in ROUTING_STATUSES
+
+    # What the lifecycle allows (SPEC §3). The services enforce these rules and the
+    # admin hides what they would refuse, both through these predicates.
+
+    @property
+    def structure_editable(self) -> bool:
+        """Slots, weights and the public id move bucket boundaries: draft only."""
+        return self.status == ExperimentStatus.DRAFT
+
+    @property
+    def labels_editable(self) -> bool:
+        return self.status != ExperimentStatus.COMPLETED
+
+    @property
+    def checkpoints_editable(self) -> bool:
+        """Hot-swap and key rotation: until the experiment is completed."""
+        return self.status != ExperimentStatus.COMPLETED
+
+    @property
+    def deletable(self) -> bool:
+        return self.status == ExperimentStatus.DRAFT
+
+    @property
+    def can_activate(self) -> bool:
+        """Activate a draft or resume a paused experiment (readiness aside)."""
+        return self.status in (ExperimentStatus.DRAFT, ExperimentStatus.PAUSED) and (
+            not self.is_archived
+        )
+
+    @property
+    def can_pause(self) -> bool:
+        return self.status == ExperimentStatus.ACTIVE
+
+    @property
+    def can_complete(self) -> bool:
+        return self.status in ROUTING_STATUSES
+
+    @property
+    def can_archive(self) -> bool:
+        return not self.is_archived and self.status != ExperimentStatus.ACTIVE
+
+    @property
+    def can_unarchive(self) -> bool:
+        return self.is_archived
+
+    def available_transitions(self) -> list[str]:
+        """The transitions that would change this experiment now, in lifecycle order."""
+        return [name for name in TRANSITION_NAMES if getattr(self, f"can_{name}")]
 
 
 class Variant(models.Model):
@@ -218,6 +268,49 @@ class RoutingState(models.Model):
 
     def __str__(self) -> str:
         return f"routing generation {self.generation}"
+
+
+class CheckpointCheck(models.Model):
+    """One connection test of a checkpoint: a small request through the gateway's client.
+
+    Kept per version (versions are insert-only, so results live in their own table); the
+    newest row is the checkpoint's "last test". ``reason`` is blinded and never holds a key.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    version = models.ForeignKey(VariantVersion, on_delete=models.CASCADE, related_name="checks")
+    checked_at = models.DateTimeField(default=timezone.now)
+    ok = models.BooleanField()
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    reason = models.TextField(blank=True, default="")
+    checked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+
+    class Meta:
+        db_table = "model_experiment_checkpoint_check"
+        ordering = ["-checked_at", "-id"]
+        indexes = [
+            models.Index(fields=["version", "-checked_at"], name="mx_check_version_checked"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{'passed' if self.ok else 'failed'} {self.checked_at:%Y-%m-%d %H:%M:%S}"
+
+    @property
+    def summary(self) -> str:
+        """ "HTTP 200, 84 ms" / "HTTP 401, 12 ms: Invalid API key", as staff read it."""
+        parts = [f"HTTP {self.status_code}" if self.status_code else "no answer"]
+        if self.latency_ms is not None:
+            parts.append(f"{self.latency_ms} ms")
+        text = ", ".join(parts)
+        # Without a closing full stop: callers end the sentence it is part of.
+        return f"{text}: {self.reason.rstrip('.')}" if self.reason and not self.ok else text
 
 
 class AllocationSubject(models.TextChoices):

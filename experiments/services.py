@@ -10,6 +10,7 @@ is translated into the same domain error that the friendly pre-check raises.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -20,15 +21,18 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import IntegrityError, transaction
 from django.db.models import Model
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
-from experiments import crypto
+from experiments import crypto, selectors
 from experiments.models import (
     ROUTING_STATUSES,
+    CheckpointCheck,
     Experiment,
     ExperimentStatus,
     Variant,
     VariantVersion,
 )
+from experiments.probes import CheckOutcome, CheckpointProbe
 from experiments.upstream import UpstreamInvalid, validate_upstream
 
 S = ExperimentStatus
@@ -108,7 +112,7 @@ def _locked_experiment(experiment: Experiment | Any) -> Experiment:
     try:
         return Experiment.objects.select_for_update().get(pk=pk)
     except Experiment.DoesNotExist:
-        raise ExperimentError(f"Experiment {pk} does not exist.") from None
+        raise ExperimentError(f"No experiment matches '{pk}'.") from None
 
 
 def _locked_variant(variant: Variant | Any) -> Variant:
@@ -116,11 +120,11 @@ def _locked_variant(variant: Variant | Any) -> Variant:
     try:
         return Variant.objects.select_for_update().select_related("experiment").get(pk=pk)
     except Variant.DoesNotExist:
-        raise ExperimentError(f"Variant {pk} does not exist.") from None
+        raise ExperimentError(f"No variant matches '{pk}'.") from None
 
 
 def _require_draft(experiment: Experiment, what: str) -> None:
-    if experiment.status != S.DRAFT:
+    if not experiment.structure_editable:
         raise StructureLocked(
             f"Cannot {what}: experiment is {experiment.status}. Structural changes are only "
             "allowed in draft, because they would move bucket boundaries; create a new "
@@ -128,37 +132,62 @@ def _require_draft(experiment: Experiment, what: str) -> None:
         )
 
 
+#: How messages name the fields (the admin's labels, the commands' options).
+FIELD_NAMES = {
+    "name": "Name",
+    "description": "Description",
+    "public_model_id": "Public model id",
+    "label": "Label",
+    "weight": "Weight",
+}
+
+
 def _clean_text(value: str | None, *, field: str, max_length: int, required: bool) -> str:
     text = (value or "").strip()
     if required and not text:
-        raise InvalidInput(f"{field} is required.", field=field)
+        raise InvalidInput(f"{FIELD_NAMES[field]} is required.", field=field)
     if len(text) > max_length:
-        raise InvalidInput(f"{field} must be at most {max_length} characters.", field=field)
+        raise InvalidInput(
+            f"{FIELD_NAMES[field]} must be at most {max_length} characters.", field=field
+        )
     return text
 
 
-def _clean_public_model_id(value: str | None) -> str:
+# The cleaners below are the one wording of each input rule: the services apply them,
+# and the admin's forms call them too, so every error of a submit shows at once.
+
+
+def clean_name(value: str | None) -> str:
+    return _clean_text(value, field="name", max_length=200, required=True)
+
+
+def clean_description(value: str | None) -> str:
+    return _clean_text(value, field="description", max_length=2000, required=False)
+
+
+def clean_public_model_id(value: str | None) -> str:
     text = _clean_text(value, field="public_model_id", max_length=255, required=True)
     if any(ch.isspace() for ch in text):
-        raise InvalidInput("public_model_id must not contain whitespace.", field="public_model_id")
+        raise InvalidInput("Public model id must not contain spaces.", field="public_model_id")
     return text
 
 
-def _clean_label(value: str | None) -> str:
+def clean_label(value: str | None) -> str:
     return _clean_text(value, field="label", max_length=64, required=True)
 
 
-def _clean_weight(value: Any) -> int:
+def clean_weight(value: Any) -> int:
+    message = "Weight must be a positive whole number."
     if isinstance(value, bool):
-        raise InvalidInput("weight must be a positive whole number.", field="weight")
+        raise InvalidInput(message, field="weight")
     try:
         weight = int(value)
     except (TypeError, ValueError):
-        raise InvalidInput("weight must be a positive whole number.", field="weight") from None
+        raise InvalidInput(message, field="weight") from None
     if str(value).strip() not in (str(weight), f"+{weight}") or weight <= 0:
-        raise InvalidInput("weight must be a positive whole number.", field="weight")
+        raise InvalidInput(message, field="weight")
     if weight > 1_000_000:
-        raise InvalidInput("weight must be at most 1000000.", field="weight")
+        raise InvalidInput("Weight must be at most 1000000.", field="weight")
     return weight
 
 
@@ -169,9 +198,9 @@ def create_experiment(
     *, public_model_id: str, name: str, description: str = "", by=None
 ) -> Experiment:
     experiment = Experiment(
-        public_model_id=_clean_public_model_id(public_model_id),
-        name=_clean_text(name, field="name", max_length=200, required=True),
-        description=_clean_text(description, field="description", max_length=2000, required=False),
+        public_model_id=clean_public_model_id(public_model_id),
+        name=clean_name(name),
+        description=clean_description(description),
         created_by=_actor(by),
     )
     with transaction.atomic():
@@ -192,15 +221,13 @@ def update_experiment(
         exp = _locked_experiment(experiment)
         changed: list[str] = []
         if name is not None:
-            exp.name = _clean_text(name, field="name", max_length=200, required=True)
+            exp.name = clean_name(name)
             changed.append("name")
         if description is not None:
-            exp.description = _clean_text(
-                description, field="description", max_length=2000, required=False
-            )
+            exp.description = clean_description(description)
             changed.append("description")
         if public_model_id is not None:
-            new_id = _clean_public_model_id(public_model_id)
+            new_id = clean_public_model_id(public_model_id)
             if new_id != exp.public_model_id:
                 _require_draft(exp, "change the public model id")
                 exp.public_model_id = new_id
@@ -214,26 +241,34 @@ def update_experiment(
 def delete_experiment(*, experiment: Experiment, by=None) -> None:
     with transaction.atomic():
         exp = _locked_experiment(experiment)
-        if exp.status != S.DRAFT:
+        if not exp.deletable:
             raise TransitionRefused(
                 f"Cannot delete: experiment is {exp.status}. Only draft experiments can be "
                 "deleted; complete and archive it instead."
             )
         _record(obj=exp, by=by, action=DELETION, message="Deleted draft experiment.")
-        # Versions are insert-only, so the draft's versions go with their slot via
-        # the database cascade, not through VariantVersion.delete().
-        VariantVersion.with_ciphertext.filter(variant__experiment=exp)._raw_delete(
-            VariantVersion.with_ciphertext.db
-        )
+        _delete_versions(VariantVersion.with_ciphertext.filter(variant__experiment=exp))
         exp.delete()
+
+
+def _delete_versions(versions) -> None:
+    """Delete a draft's checkpoint rows (and their connection tests) in SQL.
+
+    Versions are insert-only, so VariantVersion.delete() refuses; a draft's versions go
+    with their slot. Their tests go first: the raw delete skips Django's cascade.
+    """
+    CheckpointCheck.objects.filter(version__in=versions.values("pk"))._raw_delete(
+        CheckpointCheck.objects.db
+    )
+    versions._raw_delete(versions.db)
 
 
 # --- variants ----------------------------------------------------------------
 
 
 def add_variant(*, experiment: Experiment, label: str, weight: Any, by=None) -> Variant:
-    label = _clean_label(label)
-    weight = _clean_weight(weight)
+    label = clean_label(label)
+    weight = clean_weight(weight)
     with transaction.atomic():
         exp = _locked_experiment(experiment)
         _require_draft(exp, "add a variant")
@@ -258,14 +293,12 @@ def remove_variant(*, variant: Variant, by=None) -> None:
         exp = _locked_experiment(var.experiment_id)
         _require_draft(exp, "remove a variant")
         _record(obj=exp, by=by, action=CHANGE, message=f"Removed variant {var.label!r}.")
-        VariantVersion.with_ciphertext.filter(variant=var)._raw_delete(
-            VariantVersion.with_ciphertext.db
-        )
+        _delete_versions(VariantVersion.with_ciphertext.filter(variant=var))
         var.delete()
 
 
 def set_variant_weight(*, variant: Variant, weight: Any, by=None) -> Variant:
-    weight = _clean_weight(weight)
+    weight = clean_weight(weight)
     with transaction.atomic():
         var = _locked_variant(variant)
         exp = _locked_experiment(var.experiment_id)
@@ -281,14 +314,14 @@ def set_variant_weight(*, variant: Variant, weight: Any, by=None) -> Variant:
 
 
 def rename_variant(*, variant: Variant, label: str, by=None) -> Variant:
-    label = _clean_label(label)
+    label = clean_label(label)
     with transaction.atomic():
         var = _locked_variant(variant)
         exp = _locked_experiment(var.experiment_id)
         if var.label == label:
             return var
-        if exp.status == S.COMPLETED:
-            raise StructureLocked("Cannot relabel: experiment is completed.")
+        if not exp.labels_editable:
+            raise StructureLocked(f"Cannot relabel: experiment is {exp.status}.")
         if exp.variants.filter(label=label).exclude(pk=var.pk).exists():
             raise InvalidInput(f"A variant labelled {label!r} already exists.", field="label")
         old = var.label
@@ -373,8 +406,8 @@ def hot_swap(
     with transaction.atomic():
         var = _locked_variant(variant)
         exp = var.experiment
-        if exp.status == S.COMPLETED:
-            raise StructureLocked("Cannot hot-swap: experiment is completed.")
+        if not exp.checkpoints_editable:
+            raise StructureLocked(f"Cannot hot-swap: experiment is {exp.status}.")
         previous = current_version(var, with_ciphertext=True) or (
             VariantVersion.with_ciphertext.filter(variant=var)
             .order_by("-effective_at", "-id")
@@ -419,8 +452,8 @@ def rotate_key(*, variant: Variant, api_key: str, by=None) -> VariantVersion:
     with transaction.atomic():
         var = _locked_variant(variant)
         exp = var.experiment
-        if exp.status == S.COMPLETED:
-            raise StructureLocked("Cannot rotate the key: experiment is completed.")
+        if not exp.checkpoints_editable:
+            raise StructureLocked(f"Cannot rotate the key: experiment is {exp.status}.")
         latest = VariantVersion.objects.filter(variant=var).order_by("-effective_at", "-id").first()
         if latest is None:
             raise InvalidInput(
@@ -460,10 +493,10 @@ def _public_id_held_by_another(exp: Experiment) -> bool:
     )
 
 
-def _current_versions(experiment: Experiment, *, with_ciphertext: bool = False):
-    """(slot label, current version) for every slot that has one, in bucket order."""
-    for variant in experiment.variants.order_by("id"):
-        version = current_version(variant, with_ciphertext=with_ciphertext)
+def _current_versions(experiment: Experiment):
+    """(slot label, current version) for every slot that has one, in creation order."""
+    for variant in experiment.variants.order_by("created_at", "id"):
+        version = current_version(variant)
         if version is not None:
             yield variant.label, version
 
@@ -489,6 +522,13 @@ def key_warnings(experiment: Experiment) -> list[str]:
     ]
 
 
+def _ciphertext_of(version: VariantVersion) -> dict:
+    """Only for a version of unknown fingerprint: the one case that must try decrypting."""
+    return VariantVersion.with_ciphertext.values_list("encrypted_api_key", flat=True).get(
+        pk=version.pk
+    )
+
+
 def _key_problems(experiment: Experiment) -> list[str]:
     """Activation refuses checkpoints that the key in use here cannot decrypt."""
     try:
@@ -496,13 +536,13 @@ def _key_problems(experiment: Experiment) -> list[str]:
     except crypto.EncryptionKeyError as exc:
         return [f"the checkpoints' partner keys cannot be checked: {exc}"]
     problems = []
-    for label, version in _current_versions(experiment, with_ciphertext=True):
+    for label, version in _current_versions(experiment):
         if version.key_fingerprint and version.key_fingerprint != current:
             problems.append(
                 f"slot {label!r} holds a checkpoint encrypted under key "
                 f"{version.key_fingerprint}, not under the key in use here ({_key_in_use()})"
             )
-        elif not version.key_fingerprint and not crypto.can_decrypt(version.encrypted_api_key):
+        elif not version.key_fingerprint and not crypto.can_decrypt(_ciphertext_of(version)):
             problems.append(
                 f"slot {label!r} holds a checkpoint whose partner key the key in use here "
                 f"({_key_in_use()}) cannot decrypt; the key that encrypted it is unknown"
@@ -510,24 +550,121 @@ def _key_problems(experiment: Experiment) -> list[str]:
     return problems
 
 
-def activation_problems(experiment: Experiment) -> list[str]:
-    """What stands in the way of activating, as messages (empty list: ready)."""
-    problems: list[str] = []
-    variants = list(experiment.variants.all())
-    if len(variants) < 2:
-        problems.append(f"needs at least two variants (has {len(variants)})")
-    if any(v.weight <= 0 for v in variants):
-        problems.append("every weight must be positive")
-    now = timezone.now()
-    with_version = set(
-        VariantVersion.objects.filter(variant__experiment=experiment, effective_at__lte=now)
-        .values_list("variant_id", flat=True)
-        .distinct()
+@dataclass(frozen=True)
+class ReadinessItem:
+    """One condition of activation, as the checklist next to Activate shows it."""
+
+    #: "slots", "weights", "checkpoints", "keys", "public_id", or "test:<slot label>".
+    key: str
+    label: str
+    ok: bool
+    #: Why it holds or not; for a failed blocking item, the reason activation gives.
+    detail: str
+    #: False for a connection test: staff may activate anyway, after a warning.
+    blocking: bool = True
+
+
+def _when(moment) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _test_item(label: str, version: VariantVersion, check: CheckpointCheck | None):
+    title = f"Connection test of slot {label!r} ({version.internal_id})"
+    if check is None:
+        return ReadinessItem(f"test:{label}", title, False, "never tested", blocking=False)
+    verdict = "passed" if check.ok else "failed"
+    detail = f"{verdict} at {_when(check.checked_at)}: {check.summary}"
+    return ReadinessItem(f"test:{label}", title, check.ok, detail, blocking=False)
+
+
+def _slot_items(variants: list[Variant], current: dict[Any, VariantVersion]):
+    count = len(variants)
+    yield ReadinessItem(
+        "slots",
+        "At least two slots",
+        count >= 2,
+        f"{count} slots" if count >= 2 else f"needs at least two slots (has {count})",
     )
-    missing = [v.label for v in variants if v.pk not in with_version]
-    if missing:
-        problems.append("no checkpoint loaded in: " + ", ".join(sorted(missing)))
+    zero = [v.label for v in variants if v.weight <= 0]
+    yield ReadinessItem(
+        "weights",
+        "Positive weights",
+        not zero,
+        f"weights {', '.join(str(v.weight) for v in variants) or 'none'}"
+        if not zero
+        else f"every weight must be positive (not in: {', '.join(zero)})",
+    )
+    missing = [v.label for v in variants if v.pk not in current]
+    yield ReadinessItem(
+        "checkpoints",
+        "A checkpoint in every slot",
+        not missing,
+        f"no checkpoint loaded in: {', '.join(missing)}" if missing else "every slot has one",
+    )
+
+
+def activation_checklist(experiment: Experiment) -> list[ReadinessItem]:
+    """Every condition of activation, met or not, in the order staff read them."""
+    variants = list(experiment.variants.order_by("created_at", "id"))
+    current = {v.pk: version for v in variants if (version := current_version(v)) is not None}
+    items = list(_slot_items(variants, current))
+    checks = selectors.latest_checks([version.pk for version in current.values()])
+    items += [
+        _test_item(v.label, current[v.pk], checks.get(current[v.pk].pk))
+        for v in variants
+        if v.pk in current
+    ]
+    key_problems = _key_problems(experiment)
+    items.append(
+        ReadinessItem(
+            "keys",
+            "Partner keys open with the encryption key in use here",
+            not key_problems,
+            "; ".join(key_problems) or f"key {_key_in_use()}",
+        )
+    )
+    holder = (
+        Experiment.objects.filter(
+            public_model_id=experiment.public_model_id, status__in=ROUTING_STATUSES
+        )
+        .exclude(pk=experiment.pk)
+        .first()
+    )
+    items.append(
+        ReadinessItem(
+            "public_id",
+            f"No other active or paused experiment on {experiment.public_model_id!r}",
+            holder is None,
+            "the id is free"
+            if holder is None
+            else f"{holder.name!r} is {holder.status} on it; complete it first",
+        )
+    )
+    return items
+
+
+def activation_problems(experiment: Experiment) -> list[str]:
+    """What stands in the way of activating, as messages (empty list: ready).
+
+    The public id's holder is left out: ``activate`` answers it with ActivationConflict.
+    """
+    variants = list(experiment.variants.order_by("created_at", "id"))
+    current = {v.pk for v in variants if current_version(v) is not None}
+    problems = [
+        item.detail
+        for item in _slot_items(variants, dict.fromkeys(current))
+        if not item.ok and item.blocking
+    ]
     return problems + _key_problems(experiment)
+
+
+def activation_warnings(experiment: Experiment) -> list[str]:
+    """Checkpoints whose last connection test failed: activation asks staff to confirm."""
+    return [
+        f"{item.label}: {item.detail}."
+        for item in activation_checklist(experiment)
+        if item.key.startswith("test:") and not item.ok and item.detail != "never tested"
+    ]
 
 
 def activate(*, experiment: Experiment, by=None) -> Experiment:
@@ -535,14 +672,14 @@ def activate(*, experiment: Experiment, by=None) -> Experiment:
         exp = _locked_experiment(experiment)
         if exp.status == S.ACTIVE:
             return exp
-        if exp.status not in (S.DRAFT, S.PAUSED):
+        if not exp.can_activate:
+            if exp.is_archived and exp.status in (S.DRAFT, S.PAUSED):
+                raise TransitionRefused(
+                    f"Cannot activate: experiment is {exp.status} and archived; unarchive it first."
+                )
             raise TransitionRefused(
                 f"Cannot activate: experiment is {exp.status}; only draft or paused experiments "
                 "can be activated."
-            )
-        if exp.is_archived:
-            raise TransitionRefused(
-                f"Cannot activate: experiment is {exp.status} and archived; unarchive it first."
             )
         problems = activation_problems(exp)
         if problems:
@@ -570,7 +707,7 @@ def pause(*, experiment: Experiment, by=None) -> Experiment:
         exp = _locked_experiment(experiment)
         if exp.status == S.PAUSED:
             return exp
-        if exp.status != S.ACTIVE:
+        if not exp.can_pause:
             raise TransitionRefused(
                 f"Cannot pause: experiment is {exp.status}; only active experiments can be paused."
             )
@@ -585,7 +722,7 @@ def complete(*, experiment: Experiment, by=None) -> Experiment:
         exp = _locked_experiment(experiment)
         if exp.status == S.COMPLETED:
             return exp
-        if exp.status not in (S.ACTIVE, S.PAUSED):
+        if not exp.can_complete:
             raise TransitionRefused(
                 f"Cannot complete: experiment is {exp.status}; only active or paused experiments "
                 "can be completed."
@@ -603,7 +740,7 @@ def archive(*, experiment: Experiment, by=None) -> Experiment:
         exp = _locked_experiment(experiment)
         if exp.is_archived:
             return exp
-        if exp.status == S.ACTIVE:
+        if not exp.can_archive:
             raise TransitionRefused(
                 "Cannot archive: experiment is active; pause or complete it first."
             )
@@ -616,7 +753,7 @@ def archive(*, experiment: Experiment, by=None) -> Experiment:
 def unarchive(*, experiment: Experiment, by=None) -> Experiment:
     with transaction.atomic():
         exp = _locked_experiment(experiment)
-        if not exp.is_archived:
+        if not exp.can_unarchive:
             return exp
         exp.is_archived = False
         exp.save(update_fields=["is_archived", "updated_at"])
@@ -624,7 +761,7 @@ def unarchive(*, experiment: Experiment, by=None) -> Experiment:
     return exp
 
 
-#: Name → service, for the admin actions and the commands.
+#: Name → service, for the admin and the commands (models.TRANSITION_NAMES order).
 TRANSITIONS = {
     "activate": activate,
     "pause": pause,
@@ -632,3 +769,63 @@ TRANSITIONS = {
     "archive": archive,
     "unarchive": unarchive,
 }
+
+
+# --- connection tests ---------------------------------------------------------
+
+
+def check_checkpoint(*, version: VariantVersion | Any, by=None) -> CheckpointCheck:
+    """Send one small request to a checkpoint and record the outcome against its version.
+
+    The request goes through the checker named by ``settings.CHECKPOINT_CHECKER`` (the
+    gateway's upstream client, transforms and blinding). No transaction is held while it
+    waits on the partner.
+    """
+    pk = version.pk if isinstance(version, VariantVersion) else version
+    row = VariantVersion.with_ciphertext.select_related("variant__experiment").filter(pk=pk).first()
+    if row is None:
+        raise ExperimentError(f"No checkpoint version matches '{pk}'.")
+    try:
+        api_key = crypto.decrypt_api_key(row.encrypted_api_key)
+    except crypto.EncryptionKeyError as exc:
+        raise EncryptionUnavailable(str(exc)) from None
+    except crypto.DecryptionError:
+        outcome = CheckOutcome(
+            ok=False,
+            status_code=None,
+            latency_ms=None,
+            reason=f"its partner key cannot be decrypted with the key in use here "
+            f"({_key_in_use()}); a gateway with this key answers 503",
+        )
+    else:
+        checker = import_string(settings.CHECKPOINT_CHECKER)
+        outcome = checker(
+            CheckpointProbe(
+                public_model_id=row.variant.experiment.public_model_id,
+                upstream=row.upstream,
+                api_key=api_key,
+            )
+        )
+    return CheckpointCheck.objects.create(
+        version_id=row.pk,
+        ok=outcome.ok,
+        status_code=outcome.status_code,
+        latency_ms=outcome.latency_ms,
+        reason=outcome.reason[:2000],
+        checked_by=_actor(by),
+    )
+
+
+def check_slot(*, variant: Variant | Any, by=None) -> CheckpointCheck:
+    """Test the checkpoint a slot serves now."""
+    pk = variant.pk if isinstance(variant, Variant) else variant
+    slot = Variant.objects.filter(pk=pk).first()
+    if slot is None:
+        raise ExperimentError(f"No variant matches '{pk}'.")
+    version = current_version(slot)
+    if version is None:
+        raise InvalidInput(
+            f"Slot {slot.label!r} has no checkpoint to test yet; hot-swap one in first.",
+            field="api_key",
+        )
+    return check_checkpoint(version=version, by=by)

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from experiments.models import RequestKind
+
 
 class AiSdkProvider(StrEnum):
     ANTHROPIC = "anthropic"
@@ -90,11 +92,16 @@ class UpstreamConfig(_Strict):
 
 
 class UpstreamInvalid(Exception):
-    """Raised with per-field messages, ready to show next to the offending field."""
+    """Raised with per-location messages, ready to show next to the offending field.
+
+    ``errors`` maps a location (``base_url``, ``opencode_settings.ai_sdk_provider``, or
+    ``upstream`` for the whole document) to sentences that name the field the way the
+    editor labels it: "Base URL must be an http(s) URL with a host, …".
+    """
 
     def __init__(self, errors: dict[str, list[str]]):
         self.errors = errors
-        super().__init__("; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in errors.items()))
+        super().__init__(" ".join(message for messages in errors.values() for message in messages))
 
 
 #: ``extra_body`` is shallow-merged into request bodies; nothing legitimate nests deeper.
@@ -106,37 +113,97 @@ def _nul_or_depth_error(raw: Any) -> dict[str, list[str]] | None:
 
     Walked with an explicit stack: recursion is what a deeply nested document breaks.
     """
-    stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
+    stack: list[tuple[Any, tuple[Any, ...], int]] = [(raw, (), 0)]
     while stack:
         node, where, depth = stack.pop()
-        location = where or "upstream"
         if depth > MAX_NESTING:
-            return {location: [f"is nested more than {MAX_NESTING} levels deep"]}
+            return _problem(where, f"is nested more than {MAX_NESTING} levels deep")
         if isinstance(node, str) and "\x00" in node:
-            return {location: ["must not contain a NUL character"]}
+            return _problem(where, "must not contain a NUL character")
         if isinstance(node, dict):
             for key, value in node.items():
                 if isinstance(key, str) and "\x00" in key:
-                    return {location: ["must not have a key containing a NUL character"]}
-                stack.append((value, f"{where}.{key}" if where else str(key), depth + 1))
+                    return _problem(where, "must not have a key containing a NUL character")
+                stack.append((value, (*where, key), depth + 1))
         elif isinstance(node, list):
-            stack.extend(
-                (item, f"{location}.{index}", depth + 1) for index, item in enumerate(node)
-            )
+            stack.extend((item, (*where, index), depth + 1) for index, item in enumerate(node))
     return None
+
+
+def _problem(where: tuple[Any, ...], predicate: str) -> dict[str, list[str]]:
+    return {_location(where): [f"{_label(where)} {predicate}."]}
+
+
+def _location(where: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in where) or "upstream"
+
+
+def _label(where: tuple[Any, ...]) -> str:
+    """How the editor names a location: field titles, "item N" for list entries."""
+    if not where:
+        return "The upstream"
+    names: list[str] = []
+    model: type[BaseModel] | None = UpstreamConfig
+    for part in where:
+        if isinstance(part, int):
+            names.append(f"item {part + 1}")
+            model = None
+            continue
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            names.append(repr(str(part)) if model is not None else str(part))
+            model = None
+            continue
+        names.append(field.title or str(part).replace("_", " ").capitalize())
+        nested = field.annotation
+        model = next(
+            (
+                arg
+                for arg in (*getattr(nested, "__args__", ()), nested)
+                if isinstance(arg, type) and issubclass(arg, BaseModel)
+            ),
+            None,
+        )
+    return " › ".join(names)
+
+
+#: pydantic error types, as what the value must be (the library's wording never shows).
+_PREDICATES = {
+    "missing": "is required",
+    "extra_forbidden": "is not an allowed field",
+    "string_too_short": "must not be empty",
+    "string_type": "must be text",
+    "bool_type": "must be true or false",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "list_type": "must be a list",
+}
+
+
+def _predicate(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    context = error.get("ctx") or {}
+    if kind == "value_error" and context.get("error"):
+        return str(context["error"])
+    if kind == "enum" and context.get("expected"):
+        return f"must be one of {context['expected']}"
+    if kind == "extra_forbidden" and error["loc"] and error["loc"][-1] == "api_key":
+        return "is not an allowed field: the partner key goes in the key field"
+    return _PREDICATES.get(kind, "is not valid here")
 
 
 def validate_upstream(raw: Any) -> dict[str, Any]:
     """Validate against the allowlist; return the normalized JSON to store (no nulls)."""
     if not isinstance(raw, dict):
-        raise UpstreamInvalid({"upstream": ["must be a JSON object"]})
+        raise UpstreamInvalid(_problem((), "must be a JSON object"))
     problem = _nul_or_depth_error(raw)
     if problem:
         raise UpstreamInvalid(problem)
     try:
         document = json.dumps(raw, allow_nan=False)
     except (TypeError, ValueError):
-        raise UpstreamInvalid({"upstream": ["must be plain JSON"]}) from None
+        raise UpstreamInvalid(_problem((), "must be plain JSON")) from None
     try:
         # JSON mode: strict types still hold (no "1" for true), but enum fields
         # accept their string values, which Python-mode strict validation refuses.
@@ -144,13 +211,24 @@ def validate_upstream(raw: Any) -> dict[str, Any]:
     except PydanticValidationError as exc:
         errors: dict[str, list[str]] = {}
         for err in exc.errors(include_url=False, include_input=False):
-            loc = ".".join(str(part) for part in err["loc"]) or "upstream"
-            message = err["msg"]
-            if err["type"] == "extra_forbidden":
-                message = "is not an allowed field"
-            errors.setdefault(loc, []).append(message)
+            where = tuple(err["loc"])
+            errors.setdefault(_location(where), []).append(f"{_label(where)} {_predicate(err)}.")
         raise UpstreamInvalid(errors) from None
     return config.model_dump(mode="json", exclude_none=True)
+
+
+def api_family(upstream: dict[str, Any]) -> RequestKind:
+    """The request kind a checkpoint speaks: its ``ai_sdk_provider`` or openclaw adapter,
+    else chat completions (what "openai-compatible" partners all serve)."""
+    provider = (upstream.get("opencode_settings") or {}).get("ai_sdk_provider")
+    if provider == AiSdkProvider.ANTHROPIC:
+        return RequestKind.MESSAGES
+    adapter = (upstream.get("openclaw_settings") or {}).get("api_adapter")
+    if provider is None and adapter == ApiAdapter.ANTHROPIC_MESSAGES:
+        return RequestKind.MESSAGES
+    if provider is None and adapter == ApiAdapter.OPENAI_RESPONSES:
+        return RequestKind.RESPONSES
+    return RequestKind.CHAT_COMPLETIONS
 
 
 def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:

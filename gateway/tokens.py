@@ -26,11 +26,11 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def create_token(*, username: str, name: str = "") -> tuple[GatewayToken, str]:
-    """Issue a token for a user. Returns the row and the plaintext (shown once)."""
-    user = get_user_model().objects.filter(username=username).first()
-    if user is None:
-        raise TokenError(f"No user named {username!r}.")
+def create_token(*, user, name: str = "") -> tuple[GatewayToken, str]:
+    """Issue a token for a user. Returns the row and the plaintext (shown once, never stored)."""
+    if not user.is_active:
+        raise TokenError(f"User {user.get_username()!r} is inactive; a token would not work.")
+    name = name.strip()
     if len(name) > GatewayToken._meta.get_field("name").max_length:
         raise TokenError("The token name is too long (at most 100 characters).")
     plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -43,6 +43,24 @@ def create_token(*, username: str, name: str = "") -> tuple[GatewayToken, str]:
     return row, plaintext
 
 
+def revoke_token(*, token: GatewayToken) -> GatewayToken:
+    """Revoke a token (a no-op when it already is). Workers stop accepting it within
+    ``GATEWAY_TOKEN_CACHE_TTL_SECONDS``."""
+    GatewayToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
+        revoked_at=timezone.now()
+    )
+    token.refresh_from_db(fields=["revoked_at"])
+    return token
+
+
+def token_user(username: str):
+    """The user a command names, or a refusal in the commands' wording."""
+    user = get_user_model().objects.filter(username=username).first()
+    if user is None:
+        raise TokenError(f"No user matches {username!r}.")
+    return user
+
+
 def list_tokens(*, username: str | None = None) -> QuerySet[GatewayToken]:
     tokens = GatewayToken.objects.select_related("user").order_by("-created_at")
     if username:
@@ -50,21 +68,21 @@ def list_tokens(*, username: str | None = None) -> QuerySet[GatewayToken]:
     return tokens
 
 
-def revoke_token(*, id_or_prefix: str) -> GatewayToken:
-    """Revoke one token by its id or its visible prefix (must be unambiguous)."""
+def find_token(id_or_prefix: str) -> GatewayToken:
+    """One token by its id or its visible prefix; a refusal when none or several match."""
     needle = id_or_prefix.strip()
     if not needle:
         raise TokenError("Give a token id or prefix.")
-    match = Q(token_prefix=needle)
+    match = Q(token_prefix__startswith=needle)
     with contextlib.suppress(ValueError):  # not an id: match the prefix only
         match |= Q(pk=uuid.UUID(needle))
-    candidates = list(GatewayToken.objects.filter(match)[:2])
+    candidates = list(GatewayToken.objects.select_related("user").filter(match)[:11])
     if not candidates:
-        raise TokenError(f"No token with id or prefix {needle!r}.")
+        raise TokenError(f"No token matches {needle!r}.")
     if len(candidates) > 1:
-        raise TokenError(f"{needle!r} matches several tokens; use the token id.")
-    token = candidates[0]
-    if token.revoked_at is None:
-        token.revoked_at = timezone.now()
-        token.save(update_fields=["revoked_at"])
-    return token
+        shown = ", ".join(
+            f"{token.token_prefix}… ({token.user.get_username()})" for token in candidates[:10]
+        )
+        more = " and more" if len(candidates) > 10 else ""
+        raise TokenError(f"{needle!r} matches several tokens: {shown}{more}; give the token id.")
+    return candidates[0]

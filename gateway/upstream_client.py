@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -70,11 +70,13 @@ class UpstreamRequest:
     content: bytes
 
 
-def upstream_request(request, route: Route, kind: str, body: dict) -> UpstreamRequest:
+def upstream_request(
+    client_headers: Mapping[str, str], route: Route, kind: str, body: dict
+) -> UpstreamRequest:
     """The partner call for a client request: allowlisted headers, the partner key, the body."""
     headers = {"content-type": "application/json"}
     for name in FORWARDED_REQUEST_HEADERS:
-        value = request.headers.get(name)
+        value = client_headers.get(name)
         if value:
             headers[name] = value
     if route.api_key:
@@ -136,7 +138,9 @@ class UpstreamClient:
     with the next user's request. No proxy from the environment, no redirects.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, timeout: float | None = None) -> None:
+        #: Seconds to connect and between reads; None: GATEWAY_UPSTREAM_TIMEOUT.
+        self.timeout = timeout
         # Keyed by the loop itself (not its id, which a later loop may reuse).
         self._sessions: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, aiohttp.ClientSession
@@ -146,7 +150,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         session = self._sessions.get(loop)
         if session is None or session.closed:
-            timeout = settings.GATEWAY_UPSTREAM_TIMEOUT
+            timeout = self.timeout or settings.GATEWAY_UPSTREAM_TIMEOUT
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0),
                 cookie_jar=aiohttp.DummyCookieJar(),

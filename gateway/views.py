@@ -332,7 +332,7 @@ async def call_upstream(request, exchange: Exchange, route: Route, kind: str) ->
     blinder = Blinder.for_route(route)
     exchange.tokens = blinder.usage
     upstream = await shared_client.send(
-        upstream_request(request, route, kind, exchange.upstream_body)
+        upstream_request(request.headers, route, kind, exchange.upstream_body)
     )
     if upstream.status < 400 and upstream.is_event_stream:
         exchange.first_byte()

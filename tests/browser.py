@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCREENSHOT_DIR = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+#: Under var/ (ignored by git), where a developer finds them after a run.
+SCREENSHOT_DIR = Path(__file__).resolve().parent.parent / "var" / "screenshots"
 
 CHROMIUM_ARGS = [
     "--no-sandbox",

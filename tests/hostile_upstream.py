@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from gateway.demo_upstream import ROUTES, EchoReply, _sse, read_body
+from gateway.demo.upstream import ROUTES, EchoReply, _sse, read_body
 from tests.upstream import RunningUpstream
 
 COOKIE_NAME = "partner_session"

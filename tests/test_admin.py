@@ -115,11 +115,11 @@ def messages_of(response) -> list[str]:
 
 
 def run_action(client, action: str, *experiments: Experiment, query: str = "?archived=all"):
-    return client.post(
-        reverse(CHANGELIST) + query,
-        {"action": action, "_selected_action": [str(e.pk) for e in experiments]},
-        follow=True,
-    )
+    """Run a changelist action; complete and archive are confirmed on their page first."""
+    body = {"action": action, "_selected_action": [str(e.pk) for e in experiments]}
+    if action in ("complete", "archive"):
+        body["post"] = "yes"
+    return client.post(reverse(CHANGELIST) + query, body, follow=True)
 
 
 # --- changelist ----------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_action_on_many_experiments_reports_each_one(staff_client):
 def test_activation_refusal_names_what_is_missing(staff_client):
     experiment = ExperimentFactory(name="Empty")
     response = run_action(staff_client, "activate", experiment)
-    assert any("needs at least two variants (has 0)" in m for m in messages_of(response))
+    assert any("needs at least two slots (has 0)" in m for m in messages_of(response))
     experiment.refresh_from_db()
     assert experiment.status == S.DRAFT
 
@@ -295,7 +295,7 @@ def test_public_id_with_whitespace_is_refused_by_service_next_to_the_field(staff
     response = staff_client.post(reverse(ADD), add_form_data(public_model_id="kilo/ bad"))
     assert response.status_code == 200
     assert response.context["adminform"].form.errors["public_model_id"] == [
-        "public_model_id must not contain whitespace."
+        "Public model id must not contain spaces."
     ]
     assert not Experiment.objects.exists()
 
@@ -306,7 +306,7 @@ def test_refused_variant_change_rolls_back_the_whole_save(staff_client):
     response = staff_client.post(change_url(experiment), body)
     assert response.status_code == 200
     formset = response.context["inline_admin_formsets"][0].formset
-    assert formset.forms[0].errors["weight"] == ["weight must be at most 1000000."]
+    assert formset.forms[0].errors["weight"] == ["Weight must be at most 1000000."]
     experiment.refresh_from_db()
     assert experiment.name == "Before"
     assert set(experiment.variants.values_list("weight", flat=True)) == {1}
@@ -539,16 +539,29 @@ def test_hot_swap_drops_the_blanks_the_editor_sends_for_untouched_optional_field
 @pytest.mark.parametrize(
     ("upstream", "expected"),
     [
-        ({**upstream_config(), "api_key": "sk-in-json"}, "api_key: is not an allowed field"),
-        ({**upstream_config(), "api_key": ""}, "api_key: is not an allowed field"),
-        ({**upstream_config(), "extra_headers": {"x": "y"}}, "extra_headers: is not an allowed"),
-        (upstream_config(base_url="ftp://partner.example/v1"), "base_url: Value error"),
-        ({"base_url": "https://partner.example/v1"}, "internal_id: Field required"),
+        (
+            {**upstream_config(), "api_key": "sk-in-json"},
+            "'api_key' is not an allowed field: the partner key goes in the key field.",
+        ),
+        (
+            {**upstream_config(), "api_key": ""},
+            "'api_key' is not an allowed field: the partner key goes in the key field.",
+        ),
+        (
+            {**upstream_config(), "extra_headers": {"x": "y"}},
+            "'extra_headers' is not an allowed field.",
+        ),
+        (
+            upstream_config(base_url="ftp://partner.example/v1"),
+            "Base URL must be an http(s) URL with a host, e.g. https://partner.example/v1.",
+        ),
+        ({"base_url": "https://partner.example/v1"}, "Internal model id is required."),
         (
             {**upstream_config(), "opencode_settings": {"ai_sdk_provider": "acme"}},
-            "opencode_settings.ai_sdk_provider",
+            "opencode settings › AI SDK provider must be one of 'anthropic', 'openai', "
+            "'openai-compatible', 'openrouter', 'alibaba' or 'mistral'.",
         ),
-        ("{not json", "Enter a valid JSON."),
+        ("{not json", "The upstream is not valid JSON."),
     ],
     ids=[
         "api_key",
@@ -565,8 +578,7 @@ def test_hot_swap_refuses_bad_upstream_next_to_the_field(staff_client, upstream,
     variant = experiment.variants.order_by("id").first()
     response = _swap(staff_client, variant, upstream, "sk-would-be-new")
     assert response.status_code == 200
-    errors = response.context["form"].errors["upstream"]
-    assert any(expected in error for error in errors), errors
+    assert response.context["form"].errors["upstream"] == [expected]
     assert VariantVersion.objects.filter(variant=variant).count() == 1
 
 
@@ -579,13 +591,19 @@ def test_first_hot_swap_without_a_key_is_refused_on_the_key_field(staff_client):
     assert not VariantVersion.objects.filter(variant=variant).exists()
 
 
-def test_hot_swap_into_completed_experiment_is_refused(staff_client):
+@pytest.mark.parametrize("page", ["hot_swap", "rotate"])
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_checkpoint_pages_of_a_completed_experiment_send_back_with_the_reason(
+    staff_client, page, method
+):
     experiment = make_experiment(status=S.COMPLETED)
     variant = experiment.variants.order_by("id").first()
-    response = _swap(staff_client, variant, upstream_config(), "sk-x")
-    assert response.context["form"].non_field_errors() == [
-        "Cannot hot-swap: experiment is completed."
-    ]
+    url = hot_swap_url(variant) if page == "hot_swap" else rotate_url(variant)
+    body = {"upstream": json.dumps(upstream_config()), "api_key": "sk-x"}
+    response = getattr(staff_client, method)(url, body if method == "post" else {}, follow=True)
+    assert response.redirect_chain == [(change_url(experiment), 302)]
+    what = "hot-swap" if page == "hot_swap" else "rotate the key"
+    assert messages_of(response) == [f"Cannot {what}: experiment is completed."]
     assert VariantVersion.objects.filter(variant=variant).count() == 1
 
 

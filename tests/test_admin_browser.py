@@ -1,4 +1,4 @@
-"""The admin in headless chromium: the whole life of an experiment, clicked through."""
+"""The admin in headless chromium: the life of an experiment, clicked through on its page."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from django.urls import reverse
 
 from experiments import services
 from experiments.models import Experiment, ExperimentStatus
+from gateway.models import GatewayToken
+from gateway.tokens import hash_token
 from tests.browser import chromium_page, screenshot
-from tests.factories import SuperUserFactory
+from tests.factories import SuperUserFactory, UserFactory
+from tests.upstream import PARTNER_API_KEY
 
 # pytest-django's live server and playwright's sync API share the test thread.
 os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
@@ -28,28 +31,30 @@ def log_in(page, base_url: str, username: str) -> None:
     page.wait_for_selector("#site-name")
 
 
-def run_action(page, base_url: str, experiment: Experiment, action: str, query: str = "") -> str:
-    page.goto(base_url + reverse("admin:experiments_experiment_changelist") + query)
-    page.check(f'input.action-select[value="{experiment.pk}"]')
-    page.select_option("select[name=action]", action)
-    page.click("button[name=index]")
-    return page.inner_text("ul.messagelist")
+def slot_row(page, label: str):
+    # Rows are in creation order; find the slot by its label anyway.
+    return page.locator("#variants-group tr", has=page.locator(f'input[value="{label}"]'))
 
 
-def hot_swap_through_editor(page, label: str, internal_id: str, key: str, shot: str = ""):
-    # Rows are in bucket order (variant id), not creation order: find the slot by label.
-    row = page.locator("#variants-group tr", has=page.locator(f'input[value="{label}"]'))
-    row.locator("a.mx-hot-swap-link").click()
+def fill_upstream_editor(page, internal_id: str, base_url: str) -> None:
     # The django-jsonform editor (React) must have rendered from its static files.
     editor = page.locator("#id_upstream_jsonform .rjf-form-wrapper")
     editor.wait_for()
     editor.locator('input[name="rjf§internal_id"]').fill(internal_id)
-    editor.locator('input[name="rjf§base_url"]').fill("https://partner.example/v1")
+    editor.locator('input[name="rjf§base_url"]').fill(base_url)
     editor.locator('select[name="rjf§opencode_settings§ai_sdk_provider"]').select_option(
         "openai-compatible"
     )
-    editor.locator('input[name="rjf§add_cache_breakpoints"]').check()
+
+
+def hot_swap_through_editor(
+    page, label: str, internal_id: str, base_url: str, key: str, *, test: bool, shot: str = ""
+) -> str:
+    slot_row(page, label).locator("a.mx-hot-swap-link").click()
+    fill_upstream_editor(page, internal_id, base_url)
     page.fill("#id_api_key", key)
+    if not test:
+        page.uncheck("#id_test_connection")
     if shot:
         screenshot(page, shot)
     page.click("input[name=_save]")
@@ -57,69 +62,89 @@ def hot_swap_through_editor(page, label: str, internal_id: str, key: str, shot: 
     return page.inner_text("ul.messagelist")
 
 
-def test_staff_runs_an_experiment_from_draft_to_archive_in_the_browser(live_server, canary_key):
+def checklist_row(page, label: str):
+    return page.locator(f"li.mx-check-item-test{label}")
+
+
+def test_staff_runs_an_experiment_from_draft_to_completed_on_its_change_page(
+    live_server, keyed_upstream, canary_key
+):
     SuperUserFactory(username="operator")
     base = live_server.url
     with chromium_page() as page:
+        missing = []  # no page, script, style or icon of the session is missing
+        page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
         log_in(page, base, "operator")
 
-        # Create the experiment with two weighted variants in one form.
+        # Two slots in the same submit as the experiment; weights start at 1.
         page.goto(base + reverse("admin:experiments_experiment_add"))
         page.fill("#id_name", "Preview foo trial")
         page.fill("#id_public_model_id", "kilo/preview-foo")
         page.fill("#id_variants-0-label", "control")
-        page.fill("#id_variants-0-weight", "1")
         page.fill("#id_variants-1-label", "candidate")
         page.fill("#id_variants-1-weight", "3")
+        screenshot(page, "add-experiment-with-two-slots")
         page.click("input[name=_continue]")
         page.wait_for_selector("ul.messagelist")
         experiment = Experiment.objects.get(public_model_id="kilo/preview-foo")
         change_url = base + reverse("admin:experiments_experiment_change", args=[experiment.pk])
         assert page.url == change_url
+        assert [variant.weight for variant in experiment.variants.order_by("created_at")] == [1, 3]
 
-        # Load a checkpoint into each slot through the editor and the key field.
-        message = hot_swap_through_editor(page, "control", "foo-rc1", canary_key, shot="hot-swap")
-        assert "now serves 'foo-rc1'" in message
-        message = hot_swap_through_editor(page, "candidate", "foo-rc2", canary_key)
-        assert "now serves 'foo-rc2'" in message
-        assert canary_key not in page.content()
-
-        assert "Activated (draft → active)" in run_action(page, base, experiment, "activate")
-        screenshot(page, "changelist")
-
-        page.goto(change_url)
-        variants_table = page.inner_text("#variants-group")
-        assert "25.0%" in variants_table
-        assert "75.0%" in variants_table
-        assert "foo-rc1" in variants_table
-        assert "partner.example" in variants_table
-        assert page.locator('input[name="variants-0-weight"]').count() == 0  # locked
-        screenshot(page, "change-page")
-
-        assert "Paused (active → paused)" in run_action(page, base, experiment, "pause")
-        assert "Completed (paused → completed)" in run_action(page, base, experiment, "complete")
-        assert "Archived (completed → completed, archived)" in run_action(
-            page, base, experiment, "archive"
+        # Control gets a wrong partner key; its connection test fails in the checklist.
+        message = hot_swap_through_editor(
+            page, "control", "foo-rc1", keyed_upstream.base_url, canary_key, test=False
         )
-        # Archived experiments leave the default list and show under the filter.
-        assert "Preview foo trial" not in page.inner_text("#changelist-form")
-        page.goto(base + reverse("admin:experiments_experiment_changelist") + "?archived=yes")
-        assert "Preview foo trial" in page.inner_text("#result_list")
-        screenshot(page, "changelist-archived")
+        assert "now serves 'foo-rc1'" in message
+        checklist_row(page, "control").locator("button.mx-test-connection").click()
+        page.wait_for_selector("ul.messagelist")
+        failed = checklist_row(page, "control").inner_text()
+        assert failed.startswith("✗")
+        assert "failed at" in failed and "HTTP 401" in failed
+        screenshot(page, "checklist-failed-connection-test")
+
+        # The candidate is loaded with the right key and tested on saving.
+        message = hot_swap_through_editor(
+            page, "candidate", "foo-rc2", keyed_upstream.base_url, PARTNER_API_KEY, test=True
+        )
+        assert "connection test passed" in message
+
+        # Fix control: rotate to the right key; the new version is tested on saving.
+        slot_row(page, "control").locator("a.mx-rotate-key-link").click()
+        page.fill("#id_api_key", PARTNER_API_KEY)
+        page.click("input[name=_save]")
+        page.wait_for_selector("ul.messagelist")
+        assert "connection test passed" in page.inner_text("ul.messagelist")
+        assert checklist_row(page, "control").inner_text().startswith("✓")
+        assert checklist_row(page, "candidate").inner_text().startswith("✓")
+        assert canary_key not in page.content()
+        assert PARTNER_API_KEY not in page.content()
+        screenshot(page, "checklist-ready")
+
+        # Activate, pause and complete from the change page's buttons.
+        page.click("button.mx-transition-activate")
+        assert "Activated (draft → active)" in page.inner_text("ul.messagelist")
+        page.click("button.mx-transition-pause")
+        assert "Paused (active → paused)" in page.inner_text("ul.messagelist")
+        screenshot(page, "change-page-paused")
+        page.click("button.mx-transition-complete")
+        consequences = page.inner_text(".mx-consequences")
+        assert "'kilo/preview-foo' stops routing to this experiment at once" in consequences
+        screenshot(page, "complete-confirmation")
+        page.click("#mx-confirm-transition")
+        assert "Completed (paused → completed)" in page.inner_text("ul.messagelist")
+        assert page.url == change_url
+        assert page.locator("a.mx-hot-swap-link").count() == 0
+        assert page.title().endswith("| Model Experiments")
+        assert missing == []
 
     experiment.refresh_from_db()
-    assert (experiment.status, experiment.is_archived) == (ExperimentStatus.COMPLETED, True)
-    current = {
-        variant.label: services.current_version(variant).upstream
-        for variant in experiment.variants.all()
-    }
-    assert current["control"] == {
+    assert experiment.status == ExperimentStatus.COMPLETED
+    assert services.current_version(experiment.variants.get(label="control")).upstream == {
         "internal_id": "foo-rc1",
-        "base_url": "https://partner.example/v1",
+        "base_url": keyed_upstream.base_url,
         "opencode_settings": {"ai_sdk_provider": "openai-compatible"},
-        "add_cache_breakpoints": True,
     }
-    assert current["candidate"]["internal_id"] == "foo-rc2"
 
 
 def test_hot_swap_error_is_shown_next_to_the_field_in_the_browser(live_server):
@@ -131,12 +156,45 @@ def test_hot_swap_error_is_shown_next_to_the_field_in_the_browser(live_server):
         log_in(page, base, "operator")
         page.goto(base + reverse("admin:experiments_experiment_change", args=[experiment.pk]))
         page.locator("a.mx-hot-swap-link").first.click()
-        editor = page.locator("#id_upstream_jsonform .rjf-form-wrapper")
-        editor.locator('input[name="rjf§internal_id"]').fill("rc")
-        editor.locator('input[name="rjf§base_url"]').fill("ftp://partner.example")
+        fill_upstream_editor(page, "rc", "ftp://partner.example")
         page.fill("#id_api_key", "sk-something")
         page.click("input[name=_save]")
         errors = page.inner_text(".field-upstream ul.errorlist")
-        assert "base_url: Value error, must be an http(s) URL" in errors
+        assert "Base URL must be an http(s) URL with a host" in errors
         assert page.input_value("#id_api_key") == ""  # the key is never rendered back
         assert not services.current_version(experiment.variants.get())
+
+
+def test_staff_creates_copies_and_revokes_a_gateway_token_in_the_browser(live_server):
+    SuperUserFactory(username="operator")
+    dana = UserFactory(username="dana")
+    base = live_server.url
+    with chromium_page() as page:
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
+        log_in(page, base, "operator")
+
+        # From the user's page: "Add gateway token" opens the form for that user.
+        page.goto(base + reverse("admin:auth_user_change", args=[dana.pk]))
+        page.click("a.mx-add-token")
+        assert page.input_value("#id_user") == str(dana.pk)
+        page.fill("#id_name", "laptop")
+        page.click("input[name=_save]")
+        plaintext = page.inner_text("#mx-token")
+        page.click("#mx-copy-token")
+        page.wait_for_selector("#mx-copy-done:not([hidden])")
+        assert page.evaluate("navigator.clipboard.readText()") == plaintext
+        screenshot(page, "gateway-token-created")
+        token = GatewayToken.objects.get()
+        assert (token.user, token.token_sha256) == (dana, hash_token(plaintext))
+
+        # Never shown again; revoked from its page after a confirmation.
+        page.click("text=Done")
+        assert plaintext not in page.content()
+        page.click("a.mx-revoke-token")
+        screenshot(page, "gateway-token-revoke-confirmation")
+        page.click("#mx-confirm-revoke")
+        assert "Revoked token" in page.inner_text("ul.messagelist")
+        assert page.locator("a.mx-revoke-token").count() == 0
+
+    token.refresh_from_db()
+    assert token.revoked_at is not None

@@ -144,11 +144,11 @@ def test_list_json_counts_variants():
     assert (row["id"], row["variant_count"]) == (str(experiment.pk), 3)
 
 
-def test_show_lists_variants_in_id_order_with_share_and_checkpoint():
+def test_show_lists_variants_in_creation_order_with_share_and_checkpoint():
     experiment = make_experiment(weights=(3, 1), base_url="https://partner.example/v1")
     shown = run_json("show", str(experiment.pk))["experiment"]
     variants = shown["variants"]
-    assert [v["id"] for v in variants] == sorted(v["id"] for v in variants)
+    assert [v["label"] for v in variants] == ["slot-a", "slot-b"]
     by_weight = {v["weight"]: v for v in variants}
     assert (by_weight[3]["share_percent"], by_weight[1]["share_percent"]) == (75.0, 25.0)
     checkpoint = by_weight[3]["current_checkpoint"]
@@ -501,7 +501,7 @@ def test_activation_problems_are_reported_in_one_line():
     experiment = ExperimentFactory()
     VariantFactory(experiment=experiment)
     before = db_state()
-    assert "at least two variants" in refusal("activate", str(experiment.pk))
+    assert "at least two slots" in refusal("activate", str(experiment.pk))
     assert db_state() == before
 
 
@@ -516,11 +516,11 @@ def _bad_input_cases():
         (
             "malformed experiment id",
             lambda e, v: ["show", "not-a-uuid"],
-            "not a valid experiment id",
+            "No experiment matches 'not-a-uuid'.",
         ),
-        ("malformed variant id", lambda e, v: ["weight", "12345", "2"], "not a valid variant id"),
-        ("unknown experiment", lambda e, v: ["activate", UNKNOWN], "does not exist"),
-        ("unknown variant", lambda e, v: ["label", UNKNOWN, "x"], "does not exist"),
+        ("malformed variant id", lambda e, v: ["weight", "xyz", "2"], "No variant matches 'xyz'."),
+        ("unknown experiment", lambda e, v: ["activate", UNKNOWN], "No experiment matches"),
+        ("unknown variant", lambda e, v: ["label", UNKNOWN, "x"], "No variant matches"),
         ("weight 0", lambda e, v: ["weight", str(v.pk), "0"], "positive whole number"),
         ("weight -1", lambda e, v: ["weight", str(v.pk), "-1"], "positive whole number"),
         ("weight abc", lambda e, v: ["weight", str(v.pk), "abc"], "positive whole number"),
@@ -545,7 +545,7 @@ def _bad_input_cases():
             lambda e, v: ["add-variant", str(e.pk), "--label", v.label, "--weight", "1"],
             "already exists",
         ),
-        ("empty name", lambda e, v: ["update", str(e.pk), "--name", "  "], "name is required"),
+        ("empty name", lambda e, v: ["update", str(e.pk), "--name", "  "], "Name is required."),
     ]
 
 
@@ -566,10 +566,10 @@ def test_bad_input_is_refused_and_changes_nothing(args_for, expected):
     [
         ("{not json", "not valid JSON"),
         ('["a list"]', "must be a JSON object"),
-        ({**upstream_config(), "api_key": "sk-x"}, "api_key: is not an allowed field"),
-        ({**upstream_config(), "extra_headers": {"a": "b"}}, "extra_headers: is not an allowed"),
-        (upstream_config(base_url="ftp://partner.example/v1"), "base_url"),
-        ({"base_url": "https://partner.example/v1"}, "internal_id"),
+        ({**upstream_config(), "api_key": "sk-x"}, "'api_key' is not an allowed field"),
+        ({**upstream_config(), "extra_headers": {"a": "b"}}, "'extra_headers' is not an allowed"),
+        (upstream_config(base_url="ftp://partner.example/v1"), "Base URL must be an http(s) URL"),
+        ({"base_url": "https://partner.example/v1"}, "Internal model id is required."),
     ],
     ids=["not-json", "not-object", "api_key", "extra_headers", "non-http", "no-internal-id"],
 )
@@ -710,7 +710,9 @@ def test_transition_without_by_records_the_service_user():
 def test_unknown_by_user_is_refused_and_changes_nothing():
     experiment = make_experiment()
     before = db_state()
-    assert "no user named 'ghost'" in refusal("activate", str(experiment.pk), "--by", "ghost")
+    assert refusal("activate", str(experiment.pk), "--by", "ghost") == (
+        "No user matches 'ghost' (--by)."
+    )
     assert db_state() == before
 
 

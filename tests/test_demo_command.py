@@ -11,6 +11,8 @@ from django.core.management.base import CommandError
 
 from experiments import crypto
 from experiments.models import Experiment, ExperimentStatus, VariantVersion
+from gateway.models import GatewayToken
+from gateway.tokens import hash_token, revoke_token
 
 pytestmark = pytest.mark.django_db
 
@@ -151,3 +153,43 @@ def test_demo_refuses_the_same_port_for_gateway_and_upstream(state_dir):
     with pytest.raises(CommandError, match="must differ"):
         run_demo(state_dir, upstream_port=8000)
     assert not Experiment.objects.exists()
+
+
+def printed_token(output: str) -> str:
+    [line] = [line for line in output.splitlines() if line.strip().startswith("token:")]
+    return line.split(":", 1)[1].strip()
+
+
+def test_demo_prints_a_gateway_token_of_its_sdk_client_user(state_dir):
+    token = printed_token(run_demo(state_dir))
+    row = GatewayToken.objects.get(token_sha256=hash_token(token))
+    assert (row.user.username, row.revoked_at) == ("demo-client", None)
+    assert not row.user.is_staff and not row.user.has_usable_password()
+    assert (state_dir / "demo-gateway-token").stat().st_mode & 0o777 == 0o600
+
+
+def test_demo_run_twice_prints_the_same_token(state_dir):
+    first = printed_token(run_demo(state_dir))
+    assert printed_token(run_demo(state_dir)) == first
+    assert GatewayToken.objects.count() == 1
+
+
+def test_demo_issues_a_new_token_when_the_stored_one_was_revoked(state_dir):
+    first = printed_token(run_demo(state_dir))
+    revoke_token(token=GatewayToken.objects.get())
+    second = printed_token(run_demo(state_dir))
+    assert second != first
+    assert GatewayToken.objects.get(token_sha256=hash_token(second)).revoked_at is None
+
+
+def test_demo_prints_sdk_snippets_with_the_token_and_the_gateway(state_dir):
+    output = run_demo(state_dir)
+    token = printed_token(output)
+    for header in (
+        "# OpenAI SDK, chat completions (pip install openai)",
+        "# OpenAI SDK, streaming (pip install openai)",
+        "# Anthropic SDK, messages (pip install anthropic)",
+    ):
+        assert header in output.splitlines()
+    assert f'OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="{token}")' in output
+    assert f'Anthropic(base_url="http://127.0.0.1:8000", api_key="{token}")' in output

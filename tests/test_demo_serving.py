@@ -72,6 +72,8 @@ class DemoProcess:
     def __init__(self, env: dict[str, str], port: int, upstream_port: int, state_dir: Path):
         self.port = port
         self.upstream_port = upstream_port
+        #: A directory of the test's own, outside the project, to run printed snippets in.
+        self.scratch_dir = state_dir.parent
         self.root_url = f"http://127.0.0.1:{port}"
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -181,6 +183,46 @@ def test_demo_printed_curl_goes_through_the_demo_experiment(demo):
     completion = json.loads(completed.stdout)
     assert completion["model"] == "kilo/preview-demo"
     assert completion["choices"][0]["message"]["content"] == "echo: Hello from the demo"
+
+
+def printed_snippets(lines: list[str]) -> dict[str, str]:
+    """The SDK blocks of the banner, as printed: from a "# ... SDK" line to a blank line."""
+    blocks: dict[str, str] = {}
+    current: list[str] | None = None
+    for line in lines:
+        if re.match(r"# (OpenAI|Anthropic) SDK", line):
+            current = [line]
+            blocks[line] = ""
+        elif current is not None and line.strip() == "":
+            blocks[current[0]] = "\n".join(current) + "\n"
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+@pytest.mark.parametrize(
+    ("header", "answer"),
+    [
+        ("# OpenAI SDK, chat completions (pip install openai)", "echo: Hello from the OpenAI SDK"),
+        ("# OpenAI SDK, streaming (pip install openai)", "echo: Hello from a stream"),
+        ("# Anthropic SDK, messages (pip install anthropic)", "echo: Hello from the Anthropic SDK"),
+    ],
+)
+def test_demo_printed_sdk_snippets_work_as_printed(demo, header, answer):
+    snippet = printed_snippets(demo.lines)[header]
+    # Run the way a newcomer pastes it into python3, in a clean directory.
+    completed = subprocess.run(
+        [sys.executable, "-"],
+        input=snippet,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=demo.scratch_dir,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(demo.scratch_dir)},
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == answer
 
 
 def test_demo_stops_both_servers_on_sigterm(demo):

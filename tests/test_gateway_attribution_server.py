@@ -42,7 +42,7 @@ def _expected_hash(experiment, kind: str, value: str) -> uuid.UUID:
 @pytest.fixture
 def user_token():
     user = UserFactory(username="attributed-user")
-    _, plaintext = create_token(username=user.username)
+    _, plaintext = create_token(user=user)
     return user, plaintext
 
 

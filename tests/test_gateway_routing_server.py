@@ -63,7 +63,7 @@ def test_users_machines_and_ips_land_on_the_spec_formula_slot(
     cases = []
     for index in range(4):
         user = UserFactory(username=f"det-user-{index}")
-        _, token = create_token(username=user.username)
+        _, token = create_token(user=user)
         cases.append(("user", str(user.pk), {"authorization": f"Bearer {token}"}))
     for index in range(6):
         machine = f"machine-{index}-abc"
@@ -241,10 +241,9 @@ def test_token_works_via_x_api_key_and_stops_after_revoke(
     no_token_cache = gateway_factory(
         GATEWAY_TOKEN_CACHE_TTL_SECONDS="0", GATEWAY_DEFAULT_UPSTREAM_BASE_URL=upstream.base_url
     )
-    UserFactory(username="bob")
-    row, token = create_token(username="bob")
+    row, token = create_token(user=UserFactory(username="bob"))
     assert _ask(no_token_cache, "p/m", {"x-api-key": token}).status_code == 200
-    revoke_token(id_or_prefix=row.token_prefix)
+    revoke_token(token=row)
     assert _ask(no_token_cache, "p/m", {"x-api-key": token}).status_code == 401
 
 
@@ -265,8 +264,7 @@ def test_client_request_id_is_stored(gateway, upstream):
 def test_canary_key_never_leaves_the_gateway(gateway, upstream, canary_key, tmp_path):
     exp = active_experiment(upstream, api_key=canary_key)
     wait_listed(gateway, exp.public_model_id)
-    UserFactory(username="carol")
-    _, token = create_token(username="carol")
+    _, token = create_token(user=UserFactory(username="carol"))
     client = openai.OpenAI(base_url=gateway.base_url, api_key=token, max_retries=0)
     texts = [
         client.chat.completions.with_raw_response.create(

@@ -24,8 +24,7 @@ CHAT = [{"role": "user", "content": "hello there"}]
 
 @pytest.fixture
 def token():
-    UserFactory(username="alice")
-    _, plaintext = create_token(username="alice")
+    _, plaintext = create_token(user=UserFactory(username="alice"))
     return plaintext
 
 

@@ -206,7 +206,7 @@ def test_transition_on_a_missing_experiment_is_a_clear_error():
     experiment = make_experiment()
     missing_pk = experiment.pk
     services.delete_experiment(experiment=experiment)
-    with pytest.raises(services.ExperimentError, match="does not exist"):
+    with pytest.raises(services.ExperimentError, match="No experiment matches"):
         services.activate(experiment=missing_pk)
 
 
@@ -235,13 +235,13 @@ def _assert_activation_refused(
 @pytest.mark.django_db
 def test_activation_needs_two_variants():
     experiment = _draft_with_variants(timedelta(0))
-    _assert_activation_refused(experiment, r"needs at least two variants \(has 1\)")
+    _assert_activation_refused(experiment, r"needs at least two slots \(has 1\)")
 
 
 @pytest.mark.django_db
 def test_activation_without_variants_is_refused():
     experiment = _draft_with_variants()
-    _assert_activation_refused(experiment, r"needs at least two variants \(has 0\)")
+    _assert_activation_refused(experiment, r"needs at least two slots \(has 0\)")
 
 
 @pytest.mark.django_db

@@ -78,11 +78,11 @@ HOSTILE_UPSTREAMS = pytest.mark.parametrize(
     [
         (
             json.dumps(upstream_config(internal_id="rc\x00x")),
-            "internal_id: must not contain a NUL character",
+            "Internal model id must not contain a NUL character.",
         ),
         (
             json.dumps({**upstream_config(), "extra_body": {"a\x00": 1}}),
-            "extra_body: must not have a key containing a NUL character",
+            "Extra body must not have a key containing a NUL character.",
         ),
         ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
         (
@@ -212,12 +212,12 @@ def test_refused_hot_swap_still_shows_the_fields_that_were_fine(admin_client, ca
 
 
 def test_key_pasted_into_a_refused_rotation_is_never_shown_back(admin_client, canary_key):
-    variant = make_experiment(status="completed").variants.first()
+    variant = make_experiment().variants.first()
     response = admin_client.post(
         reverse(
             "admin:experiments_experiment_rotate_key", args=[variant.experiment_id, variant.pk]
         ),
-        {"api_key": canary_key},
+        {"api_key": f"{canary_key} pasted twice {canary_key}"},  # refused: not one word
     )
     assert response.status_code == 200 and response.context["form"].errors
     assert canary_key not in response.content.decode()

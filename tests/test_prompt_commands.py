@@ -157,8 +157,8 @@ def test_wipe_asks_for_confirmation_on_a_terminal(local_store, monkeypatch, answ
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--experiment", "nope"], "not an experiment id"),
-        (["--experiment", "00000000-0000-0000-0000-000000000000"], "no experiment"),
+        (["--experiment", "nope"], "No experiment matches .nope."),
+        (["--experiment", "00000000-0000-0000-0000-000000000000"], "No experiment matches"),
         (["--before", "yesterday-ish"], "not a date"),
     ],
 )

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from gateway.demo_upstream import make_app
+from gateway.demo.upstream import make_app
 
 PARTNER_API_KEY = "sk-partner-demo-upstream-key-4c1d"
 STARTUP_TIMEOUT_SECONDS = 10

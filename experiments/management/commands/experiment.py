@@ -6,14 +6,13 @@ formats output.
 
 Conventions:
 
-* ``--json`` and ``--by USERNAME`` are accepted before or after the subcommand.
-* Success: text on stdout (or one JSON object ``{"ok": true, ...}`` with ``--json``),
-  exit status 0. An idempotent repeat (activating an active experiment) is a
-  success that reports ``changed: false``.
-* Refusal or bad input: a one-line reason on stderr (``CommandError: ...``) and
-  exit status 1; with ``--json`` the same reason is also printed on stdout as
-  ``{"ok": false, "error": "..."}``. Usage errors caught by the argument parser
-  (unknown subcommand, missing required option) exit with status 2 and no JSON.
+* An experiment is named by its id, a unique prefix of it or its public model id; a
+  variant by its id, a unique prefix of it or ``EXPERIMENT:LABEL``
+  (``experiments.selectors``).
+* ``--json`` and ``--by USERNAME`` are accepted before or after the subcommand; output
+  and exit status follow ``experiments.management.output`` (one JSON object with
+  ``--json``; a refusal is exit status 1). An idempotent repeat (activating an
+  active experiment) is a success that reports ``changed: false``.
 * A partner key is read from the environment variable named by ``--api-key-env``
   or typed at a hidden prompt; never from an argument, which would land in shell
   history and process lists. Neither the key nor its ciphertext is ever printed.
@@ -27,21 +26,23 @@ import json
 import os
 import re
 import sys
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db.models import BooleanField, Count, ExpressionWrapper, Q
 
-from experiments import services
-from experiments.models import Experiment, Variant, VariantVersion
+from experiments import selectors, services
+from experiments.management.output import CommandRefusal, JsonCommand, add_json_option
+from experiments.models import CheckpointCheck, Experiment, Variant, VariantVersion
 
 #: Larger upstream files are certainly a mistake (the allowlist is a handful of fields).
 MAX_UPSTREAM_FILE_BYTES = 256 * 1024
 ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+EXPERIMENT_HELP = "Experiment: its id, a unique prefix of it, or its public model id."
+VARIANT_HELP = "Variant: its id, a unique prefix of it, or EXPERIMENT:LABEL."
 
 
 def _one_line(message: str) -> str:
@@ -60,6 +61,22 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
         "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in (headers, *rows)
     ]
+
+
+def _check_json(check: CheckpointCheck) -> dict[str, Any]:
+    return {
+        "ok": check.ok,
+        "status_code": check.status_code,
+        "latency_ms": check.latency_ms,
+        "reason": check.reason,
+        "checked_at": _timestamp(check.checked_at),
+    }
+
+
+def _check_cell(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return "not tested"
+    return f"{'passed' if check['ok'] else 'failed'} {check['checked_at']}"
 
 
 def _key_cell(checkpoint: dict[str, Any]) -> str:
@@ -83,7 +100,7 @@ def _redact_unrecognized(error: Callable[[str], Any]) -> Callable[[str], Any]:
     return redacted
 
 
-class Command(BaseCommand):
+class Command(JsonCommand):
     help = (
         "Manage model experiments: list, show, create, edit variants, hot-swap checkpoints, "
         "rotate keys and move through the lifecycle. All rules live in experiments.services."
@@ -99,13 +116,10 @@ class Command(BaseCommand):
         return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--json", action="store_true", help="Print one JSON object.")
         parser.add_argument("--by", metavar="USERNAME", help="Record this user in the history.")
         # The same options after the subcommand; SUPPRESS keeps a value given before it.
         shared = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        shared.add_argument(
-            "--json", action="store_true", default=argparse.SUPPRESS, help="Print one JSON object."
-        )
+        add_json_option(shared, after_subcommand=True)
         shared.add_argument(
             "--by",
             metavar="USERNAME",
@@ -128,14 +142,14 @@ class Command(BaseCommand):
             ("archive", "Hide an experiment from default lists (not while active)."),
             ("unarchive", "Show an archived experiment in default lists again."),
         ):
-            add(action, verb).add_argument("id", help="Experiment id.")
+            add(action, verb).add_argument("id", help=EXPERIMENT_HELP)
 
     @staticmethod
     def _add_read_commands(add: Callable[[str, str], CommandParser]) -> None:
         listing = add("list", "List experiments (archived ones only with --all).")
         listing.add_argument("--all", action="store_true", help="Include archived experiments.")
         add("show", "Show an experiment, its variants and their current checkpoints.").add_argument(
-            "id", help="Experiment id."
+            "id", help=EXPERIMENT_HELP
         )
 
     @staticmethod
@@ -145,35 +159,35 @@ class Command(BaseCommand):
         create.add_argument("--name", required=True)
         create.add_argument("--description", default="")
         update = add("update", "Change name, description or (draft only) public model id.")
-        update.add_argument("id", help="Experiment id.")
+        update.add_argument("id", help=EXPERIMENT_HELP)
         update.add_argument("--name")
         update.add_argument("--description")
         update.add_argument("--public-model-id")
         delete = add("delete", "Delete a draft experiment (asks for confirmation).")
-        delete.add_argument("id", help="Experiment id.")
+        delete.add_argument("id", help=EXPERIMENT_HELP)
         delete.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
 
     @staticmethod
     def _add_variant_commands(add: Callable[[str, str], CommandParser]) -> None:
         variant = add("add-variant", "Add a variant slot to a draft; prints its id.")
-        variant.add_argument("id", help="Experiment id.")
+        variant.add_argument("id", help=EXPERIMENT_HELP)
         variant.add_argument("--label", required=True)
         # Strings on purpose: the service owns the "positive whole number" rule.
         variant.add_argument("--weight", required=True)
         add("remove-variant", "Remove a variant slot from a draft.").add_argument(
-            "variant_id", help="Variant id."
+            "variant_id", help=VARIANT_HELP
         )
         label = add("label", "Relabel a variant (cosmetic; never rebuckets).")
-        label.add_argument("variant_id", help="Variant id.")
+        label.add_argument("variant_id", help=VARIANT_HELP)
         label.add_argument("label")
         weight = add("weight", "Set a variant's weight (draft only).")
-        weight.add_argument("variant_id", help="Variant id.")
+        weight.add_argument("variant_id", help=VARIANT_HELP)
         weight.add_argument("weight")
 
     @staticmethod
     def _add_checkpoint_commands(add: Callable[[str, str], CommandParser]) -> None:
         swap = add("swap", "Hot-swap a new checkpoint into a variant slot.")
-        swap.add_argument("variant_id", help="Variant id.")
+        swap.add_argument("variant_id", help=VARIANT_HELP)
         swap.add_argument(
             "--upstream-file",
             required=True,
@@ -186,34 +200,33 @@ class Command(BaseCommand):
             help="Environment variable holding a new partner key (omit to keep the current key).",
         )
         rotate = add("rotate-key", "Rotate a variant's partner key (same upstream).")
-        rotate.add_argument("variant_id", help="Variant id.")
+        rotate.add_argument("variant_id", help=VARIANT_HELP)
         rotate.add_argument(
             "--api-key-env",
             metavar="VAR",
             help="Environment variable holding the new key (prompted for when omitted).",
         )
+        for command in (swap, rotate):
+            command.add_argument(
+                "--check",
+                action="store_true",
+                help="Then test the new checkpoint (exit status 1 when the test fails).",
+            )
+        add(
+            "check",
+            "Test a variant's current checkpoint with one small request (exit status 1 when "
+            "it fails); the result is recorded.",
+        ).add_argument("variant_id", help=VARIANT_HELP)
 
     # --- dispatch --------------------------------------------------------------------
 
     def handle(self, *args: Any, **options: Any) -> None:
-        self.as_json = options["json"]
         name = options["subcommand"]
-        try:
-            self.actor = self._resolve_actor(options["by"])
-            if name in services.TRANSITIONS:
-                self._transition(name, options)
-            else:
-                getattr(self, "_cmd_" + name.replace("-", "_"))(options)
-        except CommandError as exc:
-            if self.as_json:
-                self.stdout.write(json.dumps({"ok": False, "error": str(exc)}))
-            raise
-
-    def _emit(self, text: str | list[str], payload: dict[str, Any]) -> None:
-        if self.as_json:
-            self.stdout.write(json.dumps({"ok": True, **payload}))
+        self.actor = self._resolve_actor(options["by"])
+        if name in services.TRANSITIONS:
+            self._transition(name, options)
         else:
-            self.stdout.write("\n".join(text) if isinstance(text, list) else text)
+            getattr(self, "_cmd_" + name.replace("-", "_"))(options)
 
     @staticmethod
     def _call(service: Callable[..., Any], **kwargs: Any) -> Any:
@@ -232,28 +245,21 @@ class Command(BaseCommand):
         try:
             return User.objects.get(**{User.USERNAME_FIELD: username})
         except User.DoesNotExist:
-            raise CommandError(f"--by: no user named {username!r}.") from None
+            raise CommandError(f"No user matches {username!r} (--by).") from None
 
     @staticmethod
-    def _uuid(value: str, what: str) -> uuid.UUID:
+    def _experiment(reference: str) -> Experiment:
         try:
-            return uuid.UUID(value)
-        except ValueError:
-            raise CommandError(f"{value!r} is not a valid {what} id (expected a UUID).") from None
+            return selectors.find_experiment(reference)
+        except selectors.NotFound as exc:
+            raise CommandError(str(exc)) from None
 
-    def _experiment(self, value: str) -> Experiment:
-        pk = self._uuid(value, "experiment")
-        experiment = Experiment.objects.filter(pk=pk).select_related("created_by").first()
-        if experiment is None:
-            raise CommandError(f"Experiment {pk} does not exist.")
-        return experiment
-
-    def _variant(self, value: str) -> Variant:
-        pk = self._uuid(value, "variant")
-        variant = Variant.objects.filter(pk=pk).select_related("experiment").first()
-        if variant is None:
-            raise CommandError(f"Variant {pk} does not exist.")
-        return variant
+    @staticmethod
+    def _variant(reference: str) -> Variant:
+        try:
+            return selectors.find_variant(reference)
+        except selectors.NotFound as exc:
+            raise CommandError(str(exc)) from None
 
     # --- reading ---------------------------------------------------------------------
 
@@ -289,6 +295,7 @@ class Command(BaseCommand):
         )
         if version is None:
             return None
+        check = selectors.latest_checks([version.pk]).get(version.pk)
         return {
             "id": str(version.pk),
             "internal_id": version.internal_id,
@@ -296,10 +303,11 @@ class Command(BaseCommand):
             "effective_at": _timestamp(version.effective_at),
             "key_configured": bool(version.key_configured),
             "key_fingerprint": version.key_fingerprint or None,
+            "last_check": _check_json(check) if check else None,
         }
 
     def _variants(self, experiment: Experiment) -> list[dict[str, Any]]:
-        variants = list(experiment.variants.order_by("id"))
+        variants = list(experiment.variants.order_by("created_at", "id"))
         total = sum(v.weight for v in variants)
         return [
             {
@@ -335,7 +343,7 @@ class Command(BaseCommand):
             for row in rows
         ]
         text = _table(headers, cells) if rows else ["No experiments."]
-        self._emit(text, {"experiments": rows})
+        self.emit(text, {"experiments": rows})
 
     def _cmd_show(self, options: dict[str, Any]) -> None:
         experiment = self._experiment(options["id"])
@@ -363,14 +371,14 @@ class Command(BaseCommand):
             *self._variant_lines(summary["variants"]),
             *(f"WARNING: {_one_line(warning)}" for warning in summary["key_warnings"]),
         ]
-        self._emit(lines, {"experiment": summary})
+        self.emit(lines, {"experiment": summary})
 
     @staticmethod
     def _variant_lines(variants: list[dict[str, Any]]) -> list[str]:
         if not variants:
             return ["No variants."]
         headers = ("VARIANT ID", "LABEL", "WEIGHT", "SHARE", "CHECKPOINT", "VERSION ID")
-        headers += ("BASE URL HOST", "EFFECTIVE AT", "KEY")
+        headers += ("BASE URL HOST", "EFFECTIVE AT", "KEY", "LAST TEST")
         rows = []
         for v in variants:
             cp = v["current_checkpoint"] or {}
@@ -385,9 +393,10 @@ class Command(BaseCommand):
                     cp.get("base_url_host", "-"),
                     cp.get("effective_at", "-"),
                     _key_cell(cp),
+                    _check_cell(cp.get("last_check")),
                 )
             )
-        return ["Variants (id order, the order users are bucketed in):", *_table(headers, rows)]
+        return ["Variants (in the order they were created):", *_table(headers, rows)]
 
     # --- experiments -----------------------------------------------------------------
 
@@ -399,7 +408,7 @@ class Command(BaseCommand):
             description=options["description"],
             by=self.actor,
         )
-        self._emit(
+        self.emit(
             str(experiment.pk), {"id": str(experiment.pk), "experiment": self._summary(experiment)}
         )
 
@@ -413,14 +422,14 @@ class Command(BaseCommand):
         updated = self._call(
             services.update_experiment, experiment=experiment, by=self.actor, **fields
         )
-        self._emit(f"Updated experiment {updated.pk}.", {"experiment": self._summary(updated)})
+        self.emit(f"Updated experiment {updated.pk}.", {"experiment": self._summary(updated)})
 
     def _cmd_delete(self, options: dict[str, Any]) -> None:
         experiment = self._experiment(options["id"])
         if not options["yes"]:
             self._confirm_delete(experiment)
         self._call(services.delete_experiment, experiment=experiment, by=self.actor)
-        self._emit(f"Deleted experiment {experiment.pk}.", {"id": str(experiment.pk)})
+        self.emit(f"Deleted experiment {experiment.pk}.", {"id": str(experiment.pk)})
 
     def _confirm_delete(self, experiment: Experiment) -> None:
         if not sys.stdin.isatty():
@@ -445,19 +454,19 @@ class Command(BaseCommand):
             weight=options["weight"],
             by=self.actor,
         )
-        self._emit(str(variant.pk), {"id": str(variant.pk), "variant": self._variant_json(variant)})
+        self.emit(str(variant.pk), {"id": str(variant.pk), "variant": self._variant_json(variant)})
 
     def _cmd_remove_variant(self, options: dict[str, Any]) -> None:
         variant = self._variant(options["variant_id"])
         self._call(services.remove_variant, variant=variant, by=self.actor)
-        self._emit(f"Removed variant {variant.pk}.", {"id": str(variant.pk)})
+        self.emit(f"Removed variant {variant.pk}.", {"id": str(variant.pk)})
 
     def _cmd_label(self, options: dict[str, Any]) -> None:
         variant = self._variant(options["variant_id"])
         renamed = self._call(
             services.rename_variant, variant=variant, label=options["label"], by=self.actor
         )
-        self._emit(
+        self.emit(
             f"Variant {renamed.pk} is labelled {renamed.label!r}.",
             {"variant": self._variant_json(renamed)},
         )
@@ -467,7 +476,7 @@ class Command(BaseCommand):
         updated = self._call(
             services.set_variant_weight, variant=variant, weight=options["weight"], by=self.actor
         )
-        self._emit(
+        self.emit(
             f"Variant {updated.pk} has weight {updated.weight}.",
             {"variant": self._variant_json(updated)},
         )
@@ -498,7 +507,9 @@ class Command(BaseCommand):
         version = self._call(
             services.hot_swap, variant=variant, upstream=upstream, api_key=api_key, by=self.actor
         )
-        self._emit_version("Hot-swapped", variant, version, new_key=api_key is not None)
+        self._emit_version(
+            "Hot-swapped", variant, version, new_key=api_key is not None, check=options["check"]
+        )
 
     def _cmd_rotate_key(self, options: dict[str, Any]) -> None:
         variant = self._variant(options["variant_id"])
@@ -511,10 +522,28 @@ class Command(BaseCommand):
                 "rotate-key needs a key: pass --api-key-env VAR or run it in a terminal."
             )
         version = self._call(services.rotate_key, variant=variant, api_key=api_key, by=self.actor)
-        self._emit_version("Rotated the key of", variant, version, new_key=True)
+        self._emit_version(
+            "Rotated the key of", variant, version, new_key=True, check=options["check"]
+        )
+
+    def _cmd_check(self, options: dict[str, Any]) -> None:
+        variant = self._variant(options["variant_id"])
+        check = self._call(services.check_slot, variant=variant, by=self.actor)
+        line, payload = self._check_result(variant, check)
+        self.emit(line, payload)
+
+    @staticmethod
+    def _check_result(variant: Variant, check: CheckpointCheck) -> tuple[str, dict[str, Any]]:
+        """The test's line and JSON; raises (exit status 1) when the checkpoint failed it."""
+        version = VariantVersion.objects.get(pk=check.version_id)
+        subject = f"Connection test of slot {variant.label!r} ({version.internal_id})"
+        payload = {"check": {"version_id": str(check.version_id), **_check_json(check)}}
+        if not check.ok:
+            raise CommandRefusal(f"{subject} failed: {check.summary}.", payload)
+        return f"{subject} passed: {check.summary}.", payload
 
     def _emit_version(
-        self, verb: str, variant: Variant, version: VariantVersion, *, new_key: bool
+        self, verb: str, variant: Variant, version: VariantVersion, *, new_key: bool, check: bool
     ) -> None:
         checkpoint = {
             "id": str(version.pk),
@@ -524,12 +553,24 @@ class Command(BaseCommand):
             "effective_at": _timestamp(version.effective_at),
             "new_key": new_key,
         }
-        self._emit(
+        lines = [
             f"{verb} variant {variant.label!r}: version {version.pk} "
             f"({version.internal_id} at {version.base_url_host}), key "
-            f"{'replaced' if new_key else 'kept'}.",
-            {"version": checkpoint},
-        )
+            f"{'replaced' if new_key else 'kept'}."
+        ]
+        payload: dict[str, Any] = {"version": checkpoint}
+        if check:
+            tested = self._call(services.check_checkpoint, version=version, by=self.actor)
+            try:
+                line, result = self._check_result(variant, tested)
+            except CommandRefusal as failed:
+                # The new checkpoint is in place (and serving if the experiment is active).
+                raise CommandRefusal(
+                    f"{lines[0]} {failed}", {**payload, **failed.payload}
+                ) from None
+            lines.append(line)
+            payload.update(result)
+        self.emit(lines, payload)
 
     @staticmethod
     def _read_upstream(path: str) -> Any:
@@ -585,7 +626,15 @@ class Command(BaseCommand):
     def _transition(self, action: str, options: dict[str, Any]) -> None:
         experiment = self._experiment(options["id"])
         before = (experiment.status, experiment.is_archived)
+        warnings = (
+            services.activation_warnings(experiment)
+            if action == "activate" and experiment.can_activate
+            else []
+        )
         after = self._call(services.TRANSITIONS[action], experiment=experiment, by=self.actor)
+        for warning in warnings:
+            # Staff may activate despite a failed test, as in the admin; it is said, not hidden.
+            self.stderr.write(f"WARNING: {_one_line(warning)}")
         changed = (after.status, after.is_archived) != before
         state = f"{after.status}, {'archived' if after.is_archived else 'not archived'}"
         text = (
@@ -593,4 +642,12 @@ class Command(BaseCommand):
             if changed
             else f"Experiment {after.pk}: {action}: nothing to do; already {state}."
         )
-        self._emit(text, {"action": action, "changed": changed, "experiment": self._summary(after)})
+        self.emit(
+            text,
+            {
+                "action": action,
+                "changed": changed,
+                "warnings": warnings,
+                "experiment": self._summary(after),
+            },
+        )

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import uuid
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
-from experiments.models import Experiment
+from experiments.management.output import JsonCommand
 from experiments.reports import (
     SRM_THRESHOLD,
     CheckpointStats,
@@ -24,6 +23,7 @@ from experiments.reports import (
     experiment_report,
     parse_moment,
 )
+from experiments.selectors import NotFound, find_experiment
 
 CSV_COLUMNS = [
     "slot",
@@ -239,15 +239,24 @@ def render_table(report: ExperimentReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Command(BaseCommand):
+class Command(JsonCommand):
     help = (
         "Print per-checkpoint figures, the sample-ratio check and comparisons for an "
         "experiment. Safe to share with the provider: no user, machine, IP or request ids."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("experiment_id", help="The experiment's id (UUID).")
-        parser.add_argument("-f", "--format", default="table", help="table (default), json, csv")
+        parser.add_argument(
+            "experiment_id",
+            metavar="EXPERIMENT",
+            help="The experiment: its id, a unique prefix of it, or its public model id.",
+        )
+        parser.add_argument(
+            "-f",
+            "--format",
+            default="table",
+            help="table (default), json (indented, to share as a file), csv",
+        )
         parser.add_argument("--since", help="ISO 8601 date or time (UTC when no offset).")
         parser.add_argument("--until", help="ISO 8601 date or time, exclusive.")
         parser.add_argument("--subject-kind", help="user, machine or ip")
@@ -257,10 +266,9 @@ class Command(BaseCommand):
         if fmt not in ("table", "json", "csv"):
             raise CommandError(f"Unknown format {fmt!r}; use table, json or csv.")
         try:
-            experiment_id = uuid.UUID(options["experiment_id"])
-            experiment = Experiment.objects.get(pk=experiment_id)
-        except (ValueError, Experiment.DoesNotExist):
-            raise CommandError(f"No experiment with id {options['experiment_id']!r}.") from None
+            experiment = find_experiment(options["experiment_id"])
+        except NotFound as exc:
+            raise CommandError(str(exc)) from None
         try:
             filters = ReportFilters(
                 since=parse_moment(options["since"], name="--since") if options["since"] else None,
@@ -270,7 +278,9 @@ class Command(BaseCommand):
         except ReportInputError as exc:
             raise CommandError(str(exc)) from None
         report = experiment_report(experiment, filters)
-        if fmt == "json":
+        if self.as_json:
+            self.emit("", {"report": report_record(report)})
+        elif fmt == "json":
             self.stdout.write(json.dumps(report_record(report), indent=2))
         elif fmt == "csv":
             # RFC 4180 line ends: the writer then also quotes a cell holding a bare CR,

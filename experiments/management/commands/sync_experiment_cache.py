@@ -8,26 +8,23 @@ flush or restore nothing is needed, since workers reject data of another generat
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError
 from django.db import DatabaseError
 from django_redis.exceptions import ConnectionInterrupted
 from redis.exceptions import RedisError
 
 from experiments import routing_cache
+from experiments.management.output import JsonCommand
 
 
-class Command(BaseCommand):
+class Command(JsonCommand):
     help = (
         "Make every gateway process reload routing from the database, and rebuild the "
         "Redis routing cache when there is one."
     )
-
-    def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--json", action="store_true", help="Print one JSON object.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         shared_cache = bool(settings.REDIS_URL)
@@ -49,20 +46,20 @@ class Command(BaseCommand):
                 f"Cannot reach the database ({type(exc).__name__}); nothing was changed. "
                 "Check DATABASE_URL and that the database is running."
             ) from None
-        if options["json"]:
-            self.stdout.write(json.dumps({"ok": True, "shared_cache": shared_cache, **summary}))
-            return
         interval = settings.GATEWAY_MEMBERSHIP_TTL_SECONDS
+        payload = {"shared_cache": shared_cache, **summary}
         if not shared_cache:
-            self.stdout.write(
+            self.emit(
                 "No shared routing cache to rebuild: REDIS_URL is unset, so each gateway "
                 "process keeps its own copy. Routing generation moved to "
                 f"{summary['generation']}: every gateway process reloads routing from the "
-                f"database within {interval:g} s."
+                f"database within {interval:g} s.",
+                payload,
             )
             return
-        self.stdout.write(
+        self.emit(
             f"Routing cache rebuilt: {summary['public_ids']} public id(s) with an active or "
             f"paused experiment; routing generation {summary['generation']}. Every gateway "
-            f"process reloads routing within {interval:g} s."
+            f"process reloads routing within {interval:g} s.",
+            payload,
         )

@@ -1,56 +1,103 @@
 """Issue, list and revoke gateway tokens. The plaintext is printed once, on create."""
 
-from django.core.management.base import BaseCommand, CommandError
+from __future__ import annotations
 
-from gateway.tokens import TokenError, create_token, list_tokens, revoke_token
+from typing import Any
+
+from django.core.management.base import CommandError, CommandParser
+
+from experiments.management.output import JsonCommand, add_json_option
+from gateway.models import GatewayToken
+from gateway.tokens import (
+    TokenError,
+    create_token,
+    find_token,
+    list_tokens,
+    revoke_token,
+    token_user,
+)
 
 
 def _when(moment) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
 
-class Command(BaseCommand):
+def _iso(moment) -> str | None:
+    return moment.isoformat(timespec="seconds") if moment else None
+
+
+def token_json(token: GatewayToken) -> dict[str, Any]:
+    """A token as the commands describe it: never its value or its hash."""
+    return {
+        "id": str(token.pk),
+        "prefix": token.token_prefix,
+        "name": token.name,
+        "user": token.user.get_username(),
+        "created_at": _iso(token.created_at),
+        "last_used_at": _iso(token.last_used_at),
+        "revoked_at": _iso(token.revoked_at),
+    }
+
+
+class Command(JsonCommand):
     help = (
         "Manage gateway tokens: create USERNAME [--name N] | list [--user U] | revoke ID_OR_PREFIX"
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
         create = sub.add_parser("create", help="Issue a token; it is printed once, last line.")
         create.add_argument("username")
         create.add_argument("--name", default="")
         listing = sub.add_parser("list", help="List tokens (never their value).")
         listing.add_argument("--user", default=None)
-        revoke = sub.add_parser("revoke", help="Revoke a token by id or prefix.")
+        revoke = sub.add_parser("revoke", help="Revoke a token by its id or a prefix of it.")
         revoke.add_argument("token")
+        for subparser in (create, listing, revoke):
+            add_json_option(subparser, after_subcommand=True)
 
-    def handle(self, *args, action: str, **options):
+    def handle(self, *args: Any, action: str, **options: Any) -> None:
         try:
-            if action == "create":
-                row, plaintext = create_token(username=options["username"], name=options["name"])
-                self.stdout.write(
-                    f"Created token {row.token_prefix}… (id {row.pk}) for {row.user.username}. "
-                    "Store it now; it is not shown again:"
-                )
-                self.stdout.write(plaintext)
-            elif action == "list":
-                self.stdout.write("id\tprefix\tname\tuser\tcreated\tlast used\trevoked")
-                for token in list_tokens(username=options["user"]):
-                    self.stdout.write(
-                        "\t".join(
-                            [
-                                str(token.pk),
-                                token.token_prefix,
-                                token.name or "-",
-                                token.user.username,
-                                _when(token.created_at),
-                                _when(token.last_used_at),
-                                _when(token.revoked_at),
-                            ]
-                        )
-                    )
-            elif action == "revoke":
-                token = revoke_token(id_or_prefix=options["token"])
-                self.stdout.write(f"Revoked token {token.token_prefix}… of {token.user.username}.")
+            getattr(self, f"_{action}")(options)
         except TokenError as exc:
             raise CommandError(str(exc)) from None
+
+    def _create(self, options: dict[str, Any]) -> None:
+        row, plaintext = create_token(user=token_user(options["username"]), name=options["name"])
+        self.emit(
+            [
+                f"Created token {row.token_prefix}… (id {row.pk}) for {row.user.username}. "
+                "Store it now; it is not shown again:",
+                plaintext,
+            ],
+            {"token": plaintext, **token_json(row)},
+        )
+
+    def _list(self, options: dict[str, Any]) -> None:
+        tokens = list(list_tokens(username=options["user"]))
+        lines = ["id\tprefix\tname\tuser\tcreated\tlast used\trevoked"] + [
+            "\t".join(
+                [
+                    str(token.pk),
+                    token.token_prefix,
+                    token.name or "-",
+                    token.user.username,
+                    _when(token.created_at),
+                    _when(token.last_used_at),
+                    _when(token.revoked_at),
+                ]
+            )
+            for token in tokens
+        ]
+        self.emit(lines, {"tokens": [token_json(token) for token in tokens]})
+
+    def _revoke(self, options: dict[str, Any]) -> None:
+        token = find_token(options["token"])
+        already = token.revoked_at is not None
+        revoke_token(token=token)
+        self.emit(
+            f"Token {token.token_prefix}… of {token.user.username} was already revoked."
+            if already
+            else f"Revoked token {token.token_prefix}… of {token.user.username}.",
+            {"changed": not already, "token": token_json(token)},
+        )

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-import uuid
 from datetime import datetime, timedelta
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
-from experiments.models import Experiment
+from experiments.management.output import JsonCommand, add_json_option
+from experiments.selectors import NotFound, find_experiment
 from gateway.prompt_maintenance import (
     DEFAULT_GRACE,
     MIN_GRACE,
@@ -50,7 +51,7 @@ def format_bytes(size: int) -> str:
     return f"{size} B"
 
 
-class Command(BaseCommand):
+class Command(JsonCommand):
     help = "Wipe an experiment's stored prompts, or garbage-collect unreferenced prompt blobs."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -58,7 +59,11 @@ class Command(BaseCommand):
         wipe = actions.add_parser(
             "wipe", help="Replace an experiment's prompt hashes with __deleted__."
         )
-        wipe.add_argument("--experiment", required=True, help="Experiment id (UUID).")
+        wipe.add_argument(
+            "--experiment",
+            required=True,
+            help="The experiment: its id, a unique prefix of it, or its public model id.",
+        )
         wipe.add_argument("--before", help="Only rows created before this date or ISO datetime.")
         wipe.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
         gc = actions.add_parser("gc", help="Delete blobs no row and no live manifest references.")
@@ -69,6 +74,8 @@ class Command(BaseCommand):
             help="Never delete a blob younger than this (default %(default)s, "
             f"minimum {int(MIN_GRACE.total_seconds() // 60)}).",
         )
+        for subparser in (wipe, gc):
+            add_json_option(subparser, after_subcommand=True)
 
     def handle(self, *args, **options) -> None:
         if options["action"] == "wipe":
@@ -79,14 +86,10 @@ class Command(BaseCommand):
     # --- wipe ---
 
     def wipe(self, options: dict) -> None:
-        raw_id = options["experiment"]
         try:
-            experiment_id = uuid.UUID(raw_id)
-        except ValueError:
-            raise CommandError(f"--experiment {raw_id!r} is not an experiment id (UUID)") from None
-        experiment = Experiment.objects.filter(pk=experiment_id).first()
-        if experiment is None:
-            raise CommandError(f"no experiment with id {experiment_id}")
+            experiment = find_experiment(options["experiment"])
+        except NotFound as exc:
+            raise CommandError(str(exc)) from None
         before = parse_before(options["before"]) if options["before"] else None
 
         pending = count_wipeable(experiment=experiment, before=before)
@@ -96,18 +99,26 @@ class Command(BaseCommand):
                 raise CommandError(
                     "refusing to wipe without confirmation: pass --yes (stdin is not a terminal)"
                 )
-            answer = input(
+            # The question goes to stderr so stdout stays clean for scripts (and --json).
+            self.stderr.write(
                 f"Wipe the stored prompts of {pending} request(s) of experiment "
-                f"{experiment.name!r}{scope}? [y/N] "
+                f"{experiment.name!r}{scope}? [y/N] ",
+                ending="",
             )
-            if answer.strip().lower() not in {"y", "yes"}:
+            self.stderr.flush()
+            if sys.stdin.readline().strip().lower() not in {"y", "yes"}:
                 raise CommandError("aborted: nothing was changed")
         result = wipe_prompts(experiment=experiment, before=before)
-        self.stdout.write(
+        self.emit(
             f"experiment {experiment.pk}{scope}: wiped {result.wiped} prompt hash(es); "
             f"{result.already_deleted} already deleted; "
             f"{result.failed_left} failed capture(s) left as __failed__. "
-            "Attribution rows are unchanged; run `prompts gc` to free the blobs."
+            "Attribution rows are unchanged; run `prompts gc` to free the blobs.",
+            {
+                "experiment_id": str(experiment.pk),
+                "before": before.isoformat() if before else None,
+                **dataclasses.asdict(result),
+            },
         )
 
     # --- gc ---
@@ -130,7 +141,11 @@ class Command(BaseCommand):
         summary = collect_garbage(
             store, grace=grace, dry_run=options["dry_run"], progress=self._progress_bar()
         )
-        self._print_summary(summary, grace)
+        if self.as_json:
+            grace_minutes = int(grace.total_seconds() // 60)
+            self.emit("", {"grace_minutes": grace_minutes, **dataclasses.asdict(summary)})
+        else:
+            self._print_summary(summary, grace)
 
     def _progress_bar(self):
         last_drawn: dict[str, int] = {}

@@ -25,6 +25,8 @@ from django.core.management.base import BaseCommand, CommandError
 from experiments import crypto, services
 from experiments.models import ROUTING_STATUSES, Experiment, ExperimentStatus, VariantVersion
 from experiments.upstream import validate_upstream
+from gateway.models import GatewayToken
+from gateway.tokens import create_token, hash_token
 
 DEMO_PUBLIC_MODEL_ID = "kilo/preview-demo"
 DEMO_EXPERIMENT_NAME = "Demo: preview rc1 vs rc2"
@@ -33,6 +35,10 @@ ADMIN_USERNAME = "admin"
 ADMIN_PASSWORD_ENV = "DEMO_ADMIN_PASSWORD"  # noqa: S105 (a variable name)
 ADMIN_PASSWORD_FILE = "demo-admin-password"  # noqa: S105 (a file name)
 PARTNER_KEY_FILE = "demo-partner-key"
+#: The demo gateway token, kept so every run prints the same working snippets.
+GATEWAY_TOKEN_FILE = "demo-gateway-token"  # noqa: S105 (a file name)
+#: Who the demo token belongs to: SDK requests are recorded and bucketed as this user.
+DEMO_CLIENT_USERNAME = "demo-client"
 # The demo upstream reads the partner key from this variable (never from its command line).
 PARTNER_KEY_ENV = "DEMO_PARTNER_API_KEY"
 READY_TIMEOUT_SECONDS = 60
@@ -45,12 +51,17 @@ def _read_or_create_secret(path: Path, make: Any) -> tuple[str, bool]:
         value = path.read_text().strip()
         if value:
             return value, False
-    path.parent.mkdir(parents=True, exist_ok=True)
     value = make()
+    _write_secret(path, value)
+    return value, True
+
+
+def _write_secret(path: Path, value: str) -> None:
+    """Write ``value`` to ``path``, readable by this user only (mode 600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(value + "\n")
-    return value, True
 
 
 def ensure_admin(state_dir: Path) -> tuple[str, str | None]:
@@ -73,6 +84,67 @@ def ensure_admin(state_dir: Path) -> tuple[str, str | None]:
         user.set_password(password)
         user.save(update_fields=["password"])
     return ADMIN_USERNAME, password
+
+
+def ensure_demo_token(state_dir: Path) -> str:
+    """The demo gateway token: the stored one while it still works, else a new one."""
+    path = state_dir / GATEWAY_TOKEN_FILE
+    stored = path.read_text().strip() if path.exists() else ""
+    if (
+        stored
+        and GatewayToken.objects.filter(
+            token_sha256=hash_token(stored), revoked_at__isnull=True, user__is_active=True
+        ).exists()
+    ):
+        return stored
+    User = get_user_model()
+    user, created = User.objects.get_or_create(
+        username=DEMO_CLIENT_USERNAME, defaults={"first_name": "Demo SDK client"}
+    )
+    if created:
+        user.set_unusable_password()  # a token holder, never an admin login
+        user.save(update_fields=["password"])
+    _, plaintext = create_token(user=user, name="demo")
+    _write_secret(path, plaintext)
+    return plaintext
+
+
+def sdk_snippets(root: str, token: str) -> list[str]:
+    """Python the demo prints for the official SDKs, each block runnable as printed."""
+    model = DEMO_PUBLIC_MODEL_ID
+    return [
+        "# OpenAI SDK, chat completions (pip install openai)",
+        "from openai import OpenAI",
+        f'client = OpenAI(base_url="{root}/v1", api_key="{token}")',
+        "reply = client.chat.completions.create(",
+        f'    model="{model}",',
+        '    messages=[{"role": "user", "content": "Hello from the OpenAI SDK"}],',
+        ")",
+        "print(reply.choices[0].message.content)",
+        "",
+        "# OpenAI SDK, streaming (pip install openai)",
+        "from openai import OpenAI",
+        f'client = OpenAI(base_url="{root}/v1", api_key="{token}")',
+        "stream = client.chat.completions.create(",
+        f'    model="{model}",',
+        '    messages=[{"role": "user", "content": "Hello from a stream"}],',
+        "    stream=True,",
+        ")",
+        "for chunk in stream:",
+        "    if chunk.choices and chunk.choices[0].delta.content:",
+        '        print(chunk.choices[0].delta.content, end="", flush=True)',
+        "print()",
+        "",
+        "# Anthropic SDK, messages (pip install anthropic)",
+        "from anthropic import Anthropic",
+        f'client = Anthropic(base_url="{root}", api_key="{token}")',
+        "message = client.messages.create(",
+        f'    model="{model}",',
+        "    max_tokens=256,",
+        '    messages=[{"role": "user", "content": "Hello from the Anthropic SDK"}],',
+        ")",
+        "print(message.content[0].text)",
+    ]
 
 
 def demo_upstream_config(internal_id: str, upstream_port: int) -> dict[str, Any]:
@@ -189,6 +261,7 @@ class Command(BaseCommand):
             state / PARTNER_KEY_FILE, lambda: "sk-demo-" + secrets.token_urlsafe(24)
         )
         username, password = ensure_admin(state)
+        token = ensure_demo_token(state)
         try:
             experiment, actions = ensure_demo_experiment(
                 upstream_port=upstream_port, partner_key=partner_key
@@ -201,11 +274,11 @@ class Command(BaseCommand):
         self.stdout.write("demo: static files collected")
 
         if no_serve:
-            self._print_banner(host, port, username, password, experiment, state, serving=False)
+            self._print_banner(host, port, username, password, token, experiment, serving=False)
             return
-        self._serve(host, port, upstream_port, partner_key, username, password, experiment, state)
+        self._serve(host, port, upstream_port, partner_key, username, password, token, experiment)
 
-    def _print_banner(self, host, port, username, password, experiment, state, *, serving):
+    def _print_banner(self, host, port, username, password, token, experiment, *, serving):
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
         root = f"http://{shown_host}:{port}"
         if password is None:
@@ -221,10 +294,17 @@ class Command(BaseCommand):
             f"  user:     {username}",
             f"  password: {password_line}",
             f"Gateway:   {root}/v1/  (demo experiment {DEMO_PUBLIC_MODEL_ID}{status})",
+            f"  token:    {token}",
+            "  (anonymous requests are allowed, so curl needs no token; the SDKs always send",
+            "  a key, and the gateway refuses a key it did not issue: give them this token)",
             "Try it:",
             f"curl -sS {root}/v1/chat/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{DEMO_PUBLIC_MODEL_ID}", "messages": '
             '[{"role": "user", "content": "Hello from the demo"}]}\'',
+            "",
+            "With the SDKs (Python; paste each block into python3):",
+            "",
+            *sdk_snippets(root, token),
             "",
         ]
         if serving:
@@ -232,7 +312,7 @@ class Command(BaseCommand):
         self.stdout.write("\n".join(lines))
         self.stdout.flush()
 
-    def _serve(self, host, port, upstream_port, partner_key, username, password, experiment, state):
+    def _serve(self, host, port, upstream_port, partner_key, username, password, token, experiment):
         manage_py = str(Path(settings.BASE_DIR) / "manage.py")
         upstream_env = {**os.environ, PARTNER_KEY_ENV: partner_key}
         commands = {
@@ -265,7 +345,7 @@ class Command(BaseCommand):
                     argv, env=env, cwd=settings.BASE_DIR, start_new_session=True
                 )
             self._wait_ready(children, {"demo upstream": upstream_port, "admin + gateway": port})
-            self._print_banner(host, port, username, password, experiment, state, serving=True)
+            self._print_banner(host, port, username, password, token, experiment, serving=True)
             while not stopping:
                 for name, child in children.items():
                     if child.poll() is not None:

@@ -3,7 +3,7 @@ import os
 import uvicorn
 from django.core.management.base import BaseCommand, CommandError
 
-from gateway.demo_upstream import make_app
+from gateway.demo.upstream import make_app
 
 
 class Command(BaseCommand):
