@@ -19,6 +19,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from django.urls import get_resolver
 
 from config.asgi import application
 from gateway.routing import router
@@ -131,3 +132,46 @@ def test_relayed_streams_leave_no_cyclic_garbage(model):
     }
     found = cyclic_garbage_of(body)
     assert found.total() <= ALLOWED_PER_REQUEST * REQUESTS, found.most_common(12)
+
+
+async def start_up_and_shut_down(while_up) -> list[dict]:
+    """Drive the lifespan protocol: startup, ``while_up()``, shutdown; what the app sent."""
+    incoming: asyncio.Queue[dict] = asyncio.Queue()
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        message = await incoming.get()
+        if message["type"] == "lifespan.shutdown":
+            while_up()
+        return message
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    incoming.put_nowait({"type": "lifespan.startup"})
+    incoming.put_nowait({"type": "lifespan.shutdown"})
+    await application({"type": "lifespan"}, receive, send)
+    return sent
+
+
+@pytest.mark.django_db(transaction=True)
+def test_startup_freezes_its_heap_out_of_garbage_collection(settings, tmp_path):
+    settings.GATEWAY_SPOOL_DIR = tmp_path / "spool"
+    seen: dict[str, object] = {}
+
+    def look() -> None:
+        collected = gc.get_objects()
+        seen["frozen"] = gc.get_freeze_count()
+        seen["collected"] = len(collected)
+        url_patterns = get_resolver().url_patterns
+        seen["urlconf frozen"] = not any(obj is url_patterns for obj in collected)
+
+    try:
+        sent = asyncio.run(start_up_and_shut_down(look))
+    finally:
+        gc.unfreeze()
+    assert sent[0] == {"type": "lifespan.startup.complete"}
+    # What a full collection walks afterwards is a small part of the heap.
+    assert seen["frozen"] > 4 * seen["collected"]
+    # The URLconf (Django loads it on the first request) was loaded, then frozen.
+    assert seen["urlconf frozen"]
