@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from bench_environment import (
     BENCH_PARTNER_KEY,
@@ -191,7 +192,8 @@ class Bench:
         }
 
 
-def start_servers(env: dict[str, str]):
+def start_servers(env: dict[str, str], app: str = "config.asgi:application", app_dir: str = "."):
+    """The demo upstream and the gateway (``app``, imported from ``app_dir``) as servers."""
     upstream_port, gateway_port = free_port(), free_port()
     upstream = subprocess.Popen(
         [sys.executable, "manage.py", "run_demo_upstream", "--port", str(upstream_port)]
@@ -202,7 +204,7 @@ def start_servers(env: dict[str, str]):
     )
     seed_bench_experiment(f"http://127.0.0.1:{upstream_port}/v1")
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"]
+        [sys.executable, "-m", "uvicorn", app, "--app-dir", app_dir, "--host", "127.0.0.1"]
         + ["--port", str(gateway_port), "--no-access-log", "--log-level", "warning"],
         cwd=ROOT,
         env=env,
@@ -292,18 +294,29 @@ def main() -> None:
     progress("preparing the bench database (mx_bench) and Redis DB")
     create_database()
     setup_django()
-    upstream, gateway, upstream_port, gateway_port = start_servers(env)
+    text = serve_and_measure(env, lambda *servers: run(Bench(*servers), quick))
+    print()
+    print(text)
+
+
+def serve_and_measure(
+    env: dict[str, str],
+    measure: Callable[[int, int, int], Awaitable[str]],
+    app: str = "config.asgi:application",
+    app_dir: str = ".",
+) -> str:
+    """Start the servers, run ``measure(gateway_port, upstream_port, gateway_pid)`` on an
+    event loop, stop the servers; what ``measure`` returned."""
+    upstream, gateway, upstream_port, gateway_port = start_servers(env, app, app_dir)
     # Row counts are read between load runs, never during one: blocking there is harmless.
     # Set after the servers started so the gateway keeps Django's async safety checks.
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     try:
         progress(f"gateway pid {gateway.pid} on :{gateway_port}, demo upstream on :{upstream_port}")
-        text = asyncio.run(run(Bench(gateway_port, upstream_port, gateway.pid), quick))
+        return asyncio.run(measure(gateway_port, upstream_port, gateway.pid))
     finally:
         stop(gateway)
         stop(upstream)
-    print()
-    print(text)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,19 @@ everything else goes to Django's usual handler with the full ``settings.MIDDLEWA
 
 Django does not speak the ASGI lifespan protocol, so a small wrapper answers it:
 on startup it opens the usage spool (and so adopts the segments of a process that
-died); on shutdown it writes pending usage records (to the database, or leaves them
-in the spool when the database is away) and closes the shared upstream and Redis
-clients, so a graceful stop loses no usage row.
+died) and freezes the startup heap out of garbage collection; on shutdown it writes
+pending usage records (to the database, or leaves them in the spool when the database
+is away) and closes the shared upstream and Redis clients, so a graceful stop loses no
+usage row.
 """
 
 import asyncio
+import gc
 import logging
 import os
 
 from django.core.asgi import get_asgi_application
+from django.urls import get_resolver
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -38,6 +41,22 @@ async def _startup() -> None:
     from gateway.usage import writer
 
     await asyncio.to_thread(writer.start)
+    freeze_startup_heap()
+
+
+def freeze_startup_heap() -> None:
+    """Leave the objects alive after startup out of every later garbage collection.
+
+    A full collection walks every tracked object while the event loop stands still, and
+    most of a worker's heap is startup's: modules, classes, settings, the URLconf, alive as
+    long as the process (bench/bench_gc.py: ~93k of ~109k objects; a full collection took
+    65 ms of CPU under load, 6.5 ms with them frozen). The URLconf is loaded first (Django
+    would on the first request) so that the views and the libraries they import are among
+    the frozen; startup's garbage is collected first so that none of it is kept forever.
+    """
+    get_resolver().url_patterns  # noqa: B018 (imports the URLconf and every view module)
+    gc.collect()
+    gc.freeze()
 
 
 async def _shutdown() -> None:

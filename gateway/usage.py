@@ -63,6 +63,13 @@ SEGMENT_ROTATE_BYTES = 1024 * 1024
 #: Backoff between attempts while the database cannot be asked.
 RETRY_MIN_SECONDS = 0.5
 RETRY_MAX_SECONDS = 2.0
+#: Records prepared (prompt captured, rows built) between two pauses of the writer thread.
+#: Capturing a prompt makes system calls, at each of which this thread lets go of the GIL
+#: and takes it straight back; the event loop, waiting for the GIL, loses those races and
+#: waited for the whole preparation of a batch (~25 µs a record: 2.5 ms for 100 records,
+#: 12 ms for 500). A pause hands the GIL over: the loop waits for one chunk at most.
+PREPARE_CHUNK = 16
+PREPARE_PAUSE_SECONDS = 0.0002
 #: SQLSTATE classes meaning "these values are refused": data exception, integrity
 #: constraint violation, program limit exceeded (e.g. an index row too large).
 REFUSED_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
@@ -516,13 +523,7 @@ class UsageWriter:
 
     def _write(self, batch: list[_Queued]) -> None:
         try:
-            pending = [
-                record_rows(
-                    item.entry,
-                    capture_prompt(item.upstream_body) if "attribution" in item.entry else None,
-                )
-                for item in batch
-            ]
+            pending = self._prepare(batch)
             if self._database_due():
                 try:
                     write_rows(pending, self._spool)
@@ -541,6 +542,23 @@ class UsageWriter:
         finally:
             for _ in batch:
                 self._queue.task_done()
+
+    @staticmethod
+    def _prepare(batch: list[_Queued]) -> list[RecordRows]:
+        """Each record's rows, its prompt captured: ``PREPARE_CHUNK`` records at a time,
+        with a pause between two chunks."""
+        pending: list[RecordRows] = []
+        for start in range(0, len(batch), PREPARE_CHUNK):
+            if start:
+                time.sleep(PREPARE_PAUSE_SECONDS)
+            pending += [
+                record_rows(
+                    item.entry,
+                    capture_prompt(item.upstream_body) if "attribution" in item.entry else None,
+                )
+                for item in batch[start : start + PREPARE_CHUNK]
+            ]
+        return pending
 
     def _spill(self, batch: list[_Queued], pending: list[RecordRows]) -> None:
         """Leave records for a replay from the spool, with the prompt hashes captured."""

@@ -204,7 +204,7 @@ DJANGO_SOURCES = [
     (
         ASGIHandler.listen_for_disconnect,
         "c729aa315c734f98",
-        "handle runs it only once the body is read whole",
+        "GatewayASGIHandler.listen_for_disconnect is a copy that returns instead of raising",
     ),
     (ASGIHandler.send_response, "77eda2b08689b44e", "refuse_body and handle send through it"),
     (ASGIHandler.run_get_response, "0234ea5fe09a5777", "handle calls it"),
