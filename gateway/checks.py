@@ -68,7 +68,7 @@ async def _check(probe: CheckpointProbe) -> CheckOutcome:
             upstream_request(CLIENT_HEADERS.get(kind, {}), route, kind, body)
         )
         try:
-            raw = await response.read()
+            raw = await response.read(settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES)
         finally:
             response.close(reusable=False)
     except GatewayError as exc:
