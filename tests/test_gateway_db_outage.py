@@ -101,7 +101,7 @@ def test_a_full_spool_refuses_model_requests_and_reports_not_ready_until_it_drai
 @pytest.fixture
 def token():
     user = UserFactory(username="outage-user")
-    return create_token(username=user.username)[1]
+    return create_token(user=user)[1]
 
 
 def test_a_token_verified_before_the_cut_keeps_working_while_the_database_is_away(

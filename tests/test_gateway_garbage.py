@@ -22,7 +22,8 @@ import pytest
 from django.urls import get_resolver
 
 from config.asgi import application
-from gateway.routing import router
+from gateway import views
+from gateway.routing import Router
 from gateway.upstream_client import shared_client
 from gateway.usage import writer
 from tests.gateway_support import active_experiment
@@ -110,10 +111,11 @@ def cyclic_garbage_of(body: dict) -> collections.Counter[str]:
 
 
 @pytest.fixture
-def model(transactional_db, upstream) -> str:
+def model(transactional_db, upstream, monkeypatch) -> str:
     experiment = active_experiment(upstream)
-    # This process's routing copies may predate the experiment (local-memory cache).
-    router.reset()
+    # This process's routing copy may predate the experiment (it is trusted for up to
+    # GATEWAY_MEMBERSHIP_TTL_SECONDS): the views route through a router that knows nothing yet.
+    monkeypatch.setattr(views, "router", Router())
     return experiment.public_model_id
 
 
