@@ -23,25 +23,24 @@ from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils import timezone
 
-from experiments import charts
 from experiments.models import (
     PROMPT_HASH_DELETED,
     PROMPT_HASH_FAILED,
     AllocationSubject,
     Experiment,
 )
-from experiments.reports import (
-    SRM_THRESHOLD,
+from experiments.reports import charts
+from experiments.reports.browser import browse_requests, request_detail
+from experiments.reports.feedback import feedback_join
+from experiments.reports.filters import (
     BrowserFilters,
     ReportFilters,
     ReportInputError,
-    browse_requests,
-    cached_experiment_report,
-    experiment_checkpoints,
-    feedback_join,
     parse_moment,
-    request_detail,
 )
+from experiments.reports.report import experiment_report
+from experiments.reports.statistics import SRM_THRESHOLD
+from experiments.selectors import slot_histories
 
 VIEW_PERMISSION = "experiments.view_experiment"
 #: Prompts are user content: seeing an experiment's results does not imply reading them.
@@ -94,7 +93,7 @@ def _window_filters(params) -> tuple[str, ReportFilters]:
     if window not in WINDOWS:
         raise ReportInputError(f"Unknown window {window!r}.")
     subject_kind = params.get("subject") or None
-    # Whole minutes, so reloads within a minute share one cached report.
+    # Whole minutes: the rollups' finest bucket.
     now = timezone.now().replace(second=0, microsecond=0)
     since = until = None
     if window == "custom":
@@ -121,7 +120,7 @@ def experiment_stats(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     except ReportInputError as exc:
         context["error"] = str(exc)
         return render(request, "admin/experiments/experiment/stats.html", context, status=400)
-    report = cached_experiment_report(experiment, filters)
+    report = experiment_report(experiment, filters)
     checkpoints = report.checkpoints
     context.update(
         window=window,
@@ -150,7 +149,7 @@ def _uuid_param(params, name: str) -> uuid.UUID | None:
 @report_view
 def experiment_requests(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     experiment = get_object_or_404(Experiment, pk=pk)
-    slots = experiment_checkpoints(experiment)
+    slots = slot_histories(experiment)
     context = _context(request, experiment, "Requests", slots=slots, params=request.GET)
     try:
         filters = BrowserFilters(

@@ -21,6 +21,7 @@ from typing import Any
 from django.db import close_old_connections, connection, transaction
 
 from experiments.models import USAGE_MEASURES, ExperimentRequest
+from experiments.reports.rollups import record_requests
 from gateway.models import GatewayUsage
 from gateway.prompt_store import capture_prompt
 
@@ -124,6 +125,8 @@ def _insert(pairs: list[tuple[GatewayUsage, ExperimentRequest | None]]) -> None:
         requests = [request for _, request in pairs if request is not None]
         if requests:
             ExperimentRequest.objects.bulk_create(requests)
+            # Same transaction: the rollups count exactly the rows that landed.
+            record_requests([vars(request) for request in requests])
 
 
 #: Queued by ``UsageWriter.stop`` after the records: the writer closes its connection and ends.

@@ -1,7 +1,9 @@
 """A seeded experiment with a hot-swap, for the report tests.
 
 Rows are built in memory first (``SeededRequest``) so tests can compute the
-expected figures from them independently of the selectors under test.
+expected figures from them independently of the reports under test; they are
+written as the gateway's writer writes them: usage and attribution rows and the
+rollups (``record_requests``) in one transaction.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.utils import timezone
 
 from experiments.models import AllocationSubject, Experiment, ExperimentRequest, VariantVersion
+from experiments.reports.rollups import record_requests
 from gateway.models import GatewayUsage
 from tests.factories import (
     ExperimentFactory,
@@ -36,7 +40,9 @@ class SeededRequest:
     user_id: int | None
     client_request_id: str | None
     has_error: bool
+    error_kind: str | None
     status_code: int
+    is_stream: bool
     ttfb_ms: int | None
     total_ms: int
     input_tokens: int
@@ -142,7 +148,9 @@ def seed_experiment(
                 # Some retries share an id; some clients send none.
                 client_request_id=None if index % 10 == 0 else f"msg-{index // 2}",
                 has_error=has_error,
-                status_code=500 if has_error else 200,
+                error_kind=("upstream_5xx" if index % 3 else "timeout") if has_error else None,
+                status_code=(500 if index % 3 else 504) if has_error else 200,
+                is_stream=index % 4 == 0,
                 ttfb_ms=None if index % 17 == 0 else rng.randint(20, 900),
                 total_ms=rng.randint(100, 5000),
                 input_tokens=rng.randint(1, 500),
@@ -155,6 +163,11 @@ def seed_experiment(
 
 
 def insert_requests(rows: list[SeededRequest], *, public_model_id: str) -> None:
+    with transaction.atomic():
+        _insert(rows, public_model_id)
+
+
+def _insert(rows: list[SeededRequest], public_model_id: str) -> None:
     GatewayUsage.objects.bulk_create(
         [
             GatewayUsage(
@@ -165,6 +178,8 @@ def insert_requests(rows: list[SeededRequest], *, public_model_id: str) -> None:
                 request_kind="chat_completions",
                 status_code=row.status_code,
                 has_error=row.has_error,
+                error_kind=row.error_kind,
+                is_stream=row.is_stream,
                 input_tokens=row.input_tokens,
                 output_tokens=row.output_tokens,
                 ttfb_ms=row.ttfb_ms,
@@ -173,7 +188,7 @@ def insert_requests(rows: list[SeededRequest], *, public_model_id: str) -> None:
             for row in rows
         ]
     )
-    ExperimentRequest.objects.bulk_create(
+    requests = ExperimentRequest.objects.bulk_create(
         [
             ExperimentRequest(
                 usage_id=row.usage_id,
@@ -188,7 +203,8 @@ def insert_requests(rows: list[SeededRequest], *, public_model_id: str) -> None:
                 # The writer's copies of the usage measures.
                 status_code=row.status_code,
                 has_error=row.has_error,
-                is_stream=False,
+                error_kind=row.error_kind,
+                is_stream=row.is_stream,
                 input_tokens=row.input_tokens,
                 output_tokens=row.output_tokens,
                 ttfb_ms=row.ttfb_ms,
@@ -197,3 +213,4 @@ def insert_requests(rows: list[SeededRequest], *, public_model_id: str) -> None:
             for row in rows
         ]
     )
+    record_requests([vars(request) for request in requests])

@@ -15,15 +15,10 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from experiments.models import Experiment
-from experiments.reports import (
-    SRM_THRESHOLD,
-    CheckpointStats,
-    ExperimentReport,
-    ReportFilters,
-    ReportInputError,
-    experiment_report,
-    parse_moment,
-)
+from experiments.reports.figures import CheckpointStats
+from experiments.reports.filters import ReportFilters, ReportInputError, parse_moment
+from experiments.reports.report import ExperimentReport, experiment_report
+from experiments.reports.statistics import SRM_THRESHOLD
 
 CSV_COLUMNS = [
     "slot",
