@@ -383,6 +383,9 @@ class FirstSeen(models.Model):
     allocation_subject = models.CharField(max_length=16, choices=AllocationSubject.choices)
     first_seen_at = models.DateTimeField()
     previous_first_seen_at = models.DateTimeField(null=True)
+    previous_allocation_subject = models.CharField(
+        max_length=16, choices=AllocationSubject.choices, null=True
+    )
 
     class Meta:
         abstract = True

@@ -19,7 +19,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from experiments.models import AllocationSubject, Experiment, ExperimentRequest, VariantVersion
-from experiments.reports.rollups import record_requests
+from experiments.reports.rollups import WRITER, record_requests
 from gateway.models import GatewayUsage
 from tests.factories import (
     ExperimentFactory,
@@ -67,11 +67,14 @@ def seed_experiment(
     api_key: str = "sk-test-partner-key",
     seed: int = 7,
     start: datetime | None = None,
+    writers: int = 1,
 ) -> SeededExperiment:
     """Two equal-weight slots; slot-a hot-swaps from a1 to a2 half-way through.
 
     ``share_of_slot_a`` is the fraction of subjects placed in slot-a (0.5 is a
-    balanced split; anything far from it is a sample-ratio mismatch).
+    balanced split; anything far from it is a sample-ratio mismatch). With
+    ``writers`` > 1 the rows land as several gateway processes would write them:
+    in that many batches of their own writer id, the batches out of time order.
     """
     rng = random.Random(seed)
     start = start or (timezone.now() - timedelta(hours=2)).replace(microsecond=0)
@@ -158,16 +161,21 @@ def seed_experiment(
                 body_sha256=hashlib.sha256(f"body-{index}".encode()).hexdigest(),
             )
         )
-    insert_requests(rows, public_model_id=experiment.public_model_id)
+    batches = [rows[index::writers] for index in range(writers)]
+    rng.shuffle(batches)
+    for writer, batch in enumerate(batches, start=1):
+        insert_requests(batch, public_model_id=experiment.public_model_id, writer=writer)
     return SeededExperiment(experiment, versions, swap_at, start, rows)
 
 
-def insert_requests(rows: list[SeededRequest], *, public_model_id: str) -> None:
+def insert_requests(
+    rows: list[SeededRequest], *, public_model_id: str, writer: int = WRITER
+) -> None:
     with transaction.atomic():
-        _insert(rows, public_model_id)
+        _insert(rows, public_model_id, writer)
 
 
-def _insert(rows: list[SeededRequest], public_model_id: str) -> None:
+def _insert(rows: list[SeededRequest], public_model_id: str, writer: int) -> None:
     GatewayUsage.objects.bulk_create(
         [
             GatewayUsage(
@@ -213,4 +221,4 @@ def _insert(rows: list[SeededRequest], public_model_id: str) -> None:
             for row in rows
         ]
     )
-    record_requests([vars(request) for request in requests])
+    record_requests([vars(request) for request in requests], writer=writer)

@@ -409,3 +409,13 @@ def test_bad_arguments_give_a_clear_error(seeded, args, message):
     args = [a.replace("{id}", str(seeded.experiment.pk)) for a in args]
     with pytest.raises(CommandError, match=message):
         run_report(*args)
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["--subject-kind", "user"], ["--since", "2025-01-01", "--until", "2030-01-01"]]
+)
+def test_experiment_report_reads_no_raw_row(seeded, args):
+    with CaptureQueriesContext(connection) as queries:
+        run_report(str(seeded.experiment.pk), "--format", "json", *args)
+    raw = ("model_experiment_request", "gateway_usage")
+    assert not [q for q in queries.captured_queries if any(t in q["sql"] for t in raw)]

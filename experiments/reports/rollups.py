@@ -299,17 +299,10 @@ def _pk_columns(model: type[models.Model]) -> list[str]:
     return [f.column for f in model._meta.pk_fields]
 
 
-def _upsert_sums(
-    model: type[models.Model], names: Sequence[str], sums: Sequence[str], rows: list
-) -> None:
-    """Insert rows, or add their ``sums`` columns (and min/max the request times) to the
-    rows already there."""
-    if not rows:
-        return
-    table = model._meta.db_table
-    source = _Source(model, names)
+def _sum_updates(table: str, sums: Sequence[str], *, with_times: bool) -> list[str]:
+    """``ON CONFLICT DO UPDATE`` assignments adding ``excluded``'s sums to the row's."""
     updates = [f"{c} = {table}.{c} + excluded.{c}" for c in sums]
-    if "first_request_at" in names:
+    if with_times:
         # LEAST/GREATEST would skip NULLs on PostgreSQL but not on SQLite.
         updates += [
             f"first_request_at = CASE WHEN excluded.first_request_at IS NULL "
@@ -319,6 +312,19 @@ def _upsert_sums(
             f"OR {table}.last_request_at > excluded.last_request_at "
             f"THEN {table}.last_request_at ELSE excluded.last_request_at END",
         ]
+    return updates
+
+
+def _upsert_sums(
+    model: type[models.Model], names: Sequence[str], sums: Sequence[str], rows: list
+) -> None:
+    """Insert rows, or add their ``sums`` columns (and min/max the request times) to the
+    rows already there."""
+    if not rows:
+        return
+    table = model._meta.db_table
+    source = _Source(model, names)
+    updates = _sum_updates(table, sums, with_times="first_request_at" in names)
     # Interpolated: column and table names from the models' meta only.
     _run(
         source,
@@ -416,8 +422,11 @@ def _first_seen(
     moves = [
         f"previous_first_seen_at = {db_table}.first_seen_at",
         "first_seen_at = c.new_first_seen_at",
+        f"previous_allocation_subject = {db_table}.allocation_subject",
+        "allocation_subject = c.new_allocation_subject",
     ]
     returning = ["previous_first_seen_at", "first_seen_at", "allocation_subject"]
+    returning.append("previous_allocation_subject")
     returning.append(model._meta.get_field(table.credited).column)
     if table.credit_moves:
         moves += [
@@ -435,9 +444,11 @@ def _first_seen(
             f"RETURNING {', '.join(returning)}"
         ),
     ):
-        previous_at, at, kind, credited = moved[:4]
-        previous_credited = moved[4] if table.credit_moves else credited
-        changes.append((table.measure, _uuid(previous_credited), kind, _moment(previous_at), -1))
+        previous_at, at, kind, previous_kind, credited = moved[:5]
+        previous_credited = moved[5] if table.credit_moves else credited
+        changes.append(
+            (table.measure, _uuid(previous_credited), previous_kind, _moment(previous_at), -1)
+        )
         changes.append((table.measure, _uuid(credited), kind, _moment(at), 1))
     return changes
 
@@ -588,9 +599,10 @@ def rebuild(*, progress: ProgressCallback | None = None, chunk: int = REBUILD_CH
     """Every rollup and first-seen row again from the attribution rows; returns how many
     rows were read.
 
-    One transaction: emptying the rollup tables (TRUNCATE on PostgreSQL) locks out the
-    writers until it commits (their records wait in the spool), so a row committed
-    meanwhile is counted either here or by its writer afterwards, never both. Rows are
+    One transaction that locks the writers out of the rollup tables until it commits
+    (their records wait in the spool), so a row committed meanwhile is counted either
+    here or by its writer afterwards, never both; reports read the old rollups
+    meanwhile. Rows are
     replayed in time order through ``record_requests``, the writers' own code, as writer 0.
     """
     report = progress or (lambda done, total: None)
@@ -598,11 +610,11 @@ def rebuild(*, progress: ProgressCallback | None = None, chunk: int = REBUILD_CH
         tables = [m._meta.db_table for m in (*ROLLUP_MODELS, *FIRST_SEEN_MODELS)]
         with connection.cursor() as cursor:
             if connection.vendor == "postgresql":
-                # Also waits for the writers' open transactions, and holds them off.
-                cursor.execute(f"TRUNCATE {', '.join(tables)}")
-            else:
-                for table in tables:
-                    cursor.execute(f"DELETE FROM {table}")  # noqa: S608
+                # Holds off the writers (and waits for their open transactions); readers
+                # keep reading the old rollups until this commits.
+                cursor.execute(f"LOCK TABLE {', '.join(tables)} IN SHARE ROW EXCLUSIVE MODE")
+            for table in tables:
+                cursor.execute(f"DELETE FROM {table}")  # noqa: S608
         total = ExperimentRequest.objects.count()
         report(0, total)
         done = 0
@@ -621,3 +633,61 @@ def rebuild(*, progress: ProgressCallback | None = None, chunk: int = REBUILD_CH
         done += len(batch)
         report(done, total)
     return done
+
+
+#: Rows moved per transaction by ``compact`` (PostgreSQL): short transactions, so a
+#: writer replaying old buckets never waits long.
+COMPACT_BATCH = 50_000
+_SUMMED = {
+    RequestRollup: (MEASURES, True),
+    ErrorKindRollup: (("count",), False),
+    LatencyBin: (("count",), False),
+}
+
+
+def compact() -> int:
+    """Fold every writer's rollup rows into writer 0's; returns how many rows were folded.
+
+    Reports read the same sums before and after; they read fewer rows after (one share
+    per bucket instead of one per gateway process that ever wrote to it). Rows a writer
+    has locked in an open transaction are skipped (left for the next run), so neither
+    side ever waits for the other.
+    """
+    folded = 0
+    for model, (sums, with_times) in _SUMMED.items():
+        table = model._meta.db_table
+        key = [c for c in _pk_columns(model) if c != "writer"]
+        totals = [f"SUM({c})" for c in sums]
+        if with_times:
+            totals += ["MIN(first_request_at)", "MAX(last_request_at)"]
+        columns = [*key, "writer", *sums] + (
+            ["first_request_at", "last_request_at"] if with_times else []
+        )
+        upsert = (
+            f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
+            f"SELECT {', '.join(key)}, {COMPACTED_WRITER}, {', '.join(totals)} "
+            f"FROM {{source}} WHERE true GROUP BY {', '.join(key)} "
+            f"ON CONFLICT ({', '.join(_pk_columns(model))}) "
+            f"DO UPDATE SET {', '.join(_sum_updates(table, sums, with_times=with_times))}"
+        )
+        while True:
+            with transaction.atomic(), connection.cursor() as cursor:
+                if connection.vendor == "postgresql":
+                    cursor.execute(
+                        f"WITH moved AS (DELETE FROM {table} WHERE ctid IN ("  # noqa: S608
+                        f"SELECT ctid FROM {table} WHERE writer <> {COMPACTED_WRITER} "
+                        f"LIMIT {COMPACT_BATCH} FOR UPDATE SKIP LOCKED) RETURNING *), "
+                        f"folded AS ({upsert.format(source='moved')} RETURNING 1) "
+                        "SELECT count(*) FROM moved"
+                    )
+                    moved = cursor.fetchone()[0]
+                else:
+                    # One writer at a time on SQLite: the copy and the delete cannot interleave.
+                    source = f"(SELECT * FROM {table} WHERE writer <> {COMPACTED_WRITER})"  # noqa: S608
+                    cursor.execute(upsert.format(source=source))
+                    cursor.execute(f"DELETE FROM {table} WHERE writer <> {COMPACTED_WRITER}")  # noqa: S608
+                    moved = cursor.rowcount
+            folded += moved
+            if connection.vendor != "postgresql" or moved < COMPACT_BATCH:
+                break
+    return folded
