@@ -6,8 +6,10 @@ session/auth/CSRF/messages middleware (see config/gateway_handler.py for why);
 everything else goes to Django's usual handler with the full ``settings.MIDDLEWARE``.
 
 Django does not speak the ASGI lifespan protocol, so a small wrapper answers it:
-on shutdown it flushes pending usage writes and closes the shared upstream and
-Redis clients, so a graceful stop loses no usage row.
+on startup it opens the usage spool (and so adopts the segments of a process that
+died); on shutdown it writes pending usage records (to the database, or leaves them
+in the spool when the database is away) and closes the shared upstream and Redis
+clients, so a graceful stop loses no usage row.
 """
 
 import asyncio
@@ -32,6 +34,12 @@ logger = logging.getLogger("gateway.lifespan")
 SHUTDOWN_FLUSH_SECONDS = 30.0
 
 
+async def _startup() -> None:
+    from gateway.usage import writer
+
+    await asyncio.to_thread(writer.start)
+
+
 async def _shutdown() -> None:
     from gateway.routing import router
     from gateway.upstream_client import shared_client
@@ -41,13 +49,19 @@ async def _shutdown() -> None:
     await router.store.aclose()
     flushed = await asyncio.to_thread(writer.stop, SHUTDOWN_FLUSH_SECONDS)
     if not flushed:
-        logger.error("shutdown: %d usage records were not written", writer.pending())
+        logger.error("shutdown: %d usage records not yet spooled or written", writer.pending())
 
 
 async def lifespan(receive, send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            try:
+                await _startup()
+            except Exception:
+                logger.exception("startup failed")
+                await send({"type": "lifespan.startup.failed", "message": "startup failed"})
+                return
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:

@@ -122,6 +122,18 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    # An unreachable or silent host fails in seconds, not after the kernel's TCP timeouts
+    # (minutes): token checks and /readyz answer, and the usage writer, instead of waiting
+    # on a reply that never comes, falls back to its spool.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        connect_timeout=env_int("DATABASE_CONNECT_TIMEOUT", 5),
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+        tcp_user_timeout=30_000,  # ms a sent query may stay unacknowledged
+    )
 if os.environ.get("TEST_DATABASE_NAME"):
     # Lets several test runs share one PostgreSQL server without clashing.
     DATABASES["default"]["TEST"] = {"NAME": os.environ["TEST_DATABASE_NAME"]}
@@ -234,10 +246,20 @@ GATEWAY_TRUSTED_PROXIES = env_int("GATEWAY_TRUSTED_PROXIES", 0)
 GATEWAY_UPSTREAM_TIMEOUT = env_float("GATEWAY_UPSTREAM_TIMEOUT", 120.0)
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", 5.0)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024)
+# Largest single SSE event accepted from a partner; a bigger one ends the stream (502).
+GATEWAY_MAX_SSE_EVENT_BYTES = env_int("GATEWAY_MAX_SSE_EVENT_BYTES", 8 * 1024 * 1024)
+# Largest non-streamed partner response (after decoding) a worker buffers; more is a 502.
+GATEWAY_MAX_UPSTREAM_BODY_BYTES = env_int("GATEWAY_MAX_UPSTREAM_BODY_BYTES", 64 * 1024 * 1024)
 # How long a worker trusts its in-process membership copy before asking Redis.
 GATEWAY_MEMBERSHIP_TTL_SECONDS = env_float("GATEWAY_MEMBERSHIP_TTL_SECONDS", 1.0)
 # How long a worker trusts a verified (or unknown) token hash: the revocation delay.
 GATEWAY_TOKEN_CACHE_TTL_SECONDS = env_float("GATEWAY_TOKEN_CACHE_TTL_SECONDS", 10.0)
+# Durable spool for usage records the database cannot take yet (gateway/spool.py).
+GATEWAY_SPOOL_DIR = Path(os.environ.get("GATEWAY_SPOOL_DIR", "") or BASE_DIR / "var" / "spool")
+# Past this many bytes in the spool folder the gateway refuses model requests (503).
+GATEWAY_SPOOL_MAX_BYTES = env_int("GATEWAY_SPOOL_MAX_BYTES", 1024 * 1024 * 1024)
+# How often spooled records are fdatasync'ed: what a machine crash can lose.
+GATEWAY_SPOOL_FSYNC_SECONDS = env_float("GATEWAY_SPOOL_FSYNC_SECONDS", 1.0)
 
 # --- Prompt store (SPEC §9) --------------------------------------------------
 PROMPT_STORE_BACKEND = os.environ.get("PROMPT_STORE_BACKEND", "local")  # local | s3
@@ -257,7 +279,5 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
-        # httpx logs every upstream request at INFO: per-request noise on the gateway's hot path.
-        "httpx": {"level": "WARNING"},
     },
 }

@@ -1,20 +1,36 @@
-"""Client blinding (SPEC §8): the client never learns which checkpoint served it.
+"""Client blinding and secret hygiene (SPEC §6, §8): the client never learns which
+checkpoint served it, and never sees the partner key, whatever the partner sends back.
 
-``model`` fields are rewritten to the public id (top level, Anthropic
-``message.model``, Responses ``response.model``), every other occurrence of the
-internal id or the upstream root/host is scrubbed, and upstream response
-headers are reduced to an allowlist.
+Blinding is structural: ``model`` fields are rewritten (top level, Anthropic
+``message.model``, Responses ``response.model``) and generated content stays byte for
+byte what the checkpoint produced. Text substitution over whole bodies would itself be a
+signal (a prompt naming two candidate ids would see which one came back rewritten).
+Upstream error bodies are rebuilt with ``message``, ``type`` and ``code`` only, and in
+them every identifier that tells the experiment's checkpoints apart is replaced for all
+of them at once. The partner key the gateway sent is removed from every string relayed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-#: Upstream response headers a client may see. Content type is set by us.
-FORWARDED_RESPONSE_HEADERS = ("retry-after",)
-SCRUBBED = "upstream"
+from django.utils.http import http_date, parse_http_date
+
+if TYPE_CHECKING:
+    from gateway.routing import Route
+
+#: What a partner key echoed by the partner becomes.
+REDACTED = "[redacted]"
+#: What an upstream host, base URL or distinguishing path segment becomes in error text.
+NEUTRAL_LOCATION = "upstream"
+#: Characters ``json.dumps(ensure_ascii=False)`` writes as escapes.
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
 #: Response fields that fingerprint the serving backend and so could tell variants apart.
 FINGERPRINT_FIELDS = ("system_fingerprint",)
 
@@ -43,26 +59,121 @@ class TokenUsage:
                 setattr(self, target, value)
 
 
+class KeyScrubber:
+    """Removes the partner key the gateway sent from text and from parsed JSON.
+
+    Structural: every string of the parsed value is checked, so a key the partner wrote
+    JSON-escaped (``\\u0073k-…``) is caught as well as a verbatim one.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        # A key holding characters JSON escapes would not appear verbatim in serialized
+        # output, so the quick check in ``dumps`` could not be trusted for it.
+        self._verbatim_in_json = _JSON_ESCAPED.search(key) is None
+
+    def text(self, text: str) -> str:
+        if self.key and self.key in text:
+            return text.replace(self.key, REDACTED)
+        return text
+
+    def value(self, value: Any) -> Any:
+        """A copy of a JSON value with the key removed from every string, keys included."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self.value(item) for item in value]
+        if isinstance(value, dict):
+            return {self.text(name): self.value(item) for name, item in value.items()}
+        return value
+
+    def dumps(self, value: Any) -> str:
+        """``value`` serialized without the key in any of its strings.
+
+        Serializing first and searching the output once keeps the common case (no key)
+        at one fast substring search; only a hit pays for the walk.
+        """
+        serialized = dumps(value)
+        if self.key and (not self._verbatim_in_json or self.key in serialized):
+            serialized = dumps(self.value(value))
+        return serialized
+
+
+class CheckpointIdentifiers:
+    """What tells an experiment's checkpoints apart, replaced in upstream error text.
+
+    Internal ids become the public id; base URLs, origins, hosts and the path segments
+    that differ between checkpoints become ``NEUTRAL_LOCATION``. All checkpoints' at
+    once, in one pass, longest first: whichever checkpoint the partner named, the client
+    reads the same words.
+    """
+
+    def __init__(self, *, model_ids: Iterable[str], locations: Iterable[str]) -> None:
+        # None: the public id of the request, filled in at replacement time.
+        replacements: dict[str, str | None] = {
+            text.lower(): NEUTRAL_LOCATION for text in locations if text
+        }
+        replacements.update({model_id.lower(): None for model_id in model_ids if model_id})
+        self._replacements = replacements
+        self._pattern = (
+            re.compile(
+                "|".join(re.escape(t) for t in sorted(replacements, key=len, reverse=True)),
+                re.IGNORECASE,
+            )
+            if replacements
+            else None
+        )
+
+    def replace(self, text: str, public_model_id: str) -> str:
+        if self._pattern is None:
+            return text
+
+        def substitute(match: re.Match[str]) -> str:
+            return self._replacements.get(match.group(0).lower(), NEUTRAL_LOCATION) or (
+                public_model_id
+            )
+
+        return self._pattern.sub(substitute, text)
+
+
+@functools.lru_cache(maxsize=256)
+def checkpoint_identifiers(
+    checkpoints: tuple[tuple[str, str | None], ...],
+) -> CheckpointIdentifiers:
+    """The identifiers of a set of checkpoints, given as ``(base_url, internal_id)``.
+
+    Cached by value: routing payloads change only when a checkpoint does, so the set and
+    its pattern are built once per payload, not per request.
+    """
+    locations: list[str] = []
+    segment_sets: list[set[str]] = []
+    for base_url, _ in checkpoints:
+        parts = urlsplit(base_url)
+        locations += [base_url, f"{parts.scheme}://{parts.netloc}", parts.netloc]
+        locations.append(parts.hostname or "")
+        segment_sets.append({segment for segment in parts.path.split("/") if segment})
+    if segment_sets:
+        # e.g. /deployments/rc1-east/v1 vs /deployments/rc2-west/v1: rc1-east and rc2-west.
+        locations += set().union(*segment_sets) - set.intersection(*segment_sets)
+    return CheckpointIdentifiers(
+        model_ids=[internal_id for _, internal_id in checkpoints if internal_id],
+        locations=locations,
+    )
+
+
 @dataclass
 class Blinder:
     public_model_id: str
-    #: The checkpoint's model id; replaced by the public id wherever it appears.
-    internal_id: str | None
-    #: Upstream root, host:port and host; replaced by a neutral word.
-    upstream_texts: tuple[str, ...]
+    scrubber: KeyScrubber
+    identifiers: CheckpointIdentifiers
     usage: TokenUsage = field(default_factory=TokenUsage)
 
-    def scrub(self, text: str) -> str:
-        # Longest first so the base URL goes before its own host.
-        for secret in sorted(self.upstream_texts, key=len, reverse=True):
-            if secret and secret in text:
-                text = text.replace(secret, SCRUBBED)
-        if self.internal_id and self.internal_id != self.public_model_id:
-            text = text.replace(self.internal_id, self.public_model_id)
-        return text
+    @classmethod
+    def for_route(cls, route: Route) -> Blinder:
+        return cls(route.public_model_id, KeyScrubber(route.api_key), route.identifiers)
 
     def rewrite(self, value: Any) -> Any:
-        """Rewrite ``model`` fields in a response object and collect its usage."""
+        """Rewrite ``model`` fields and error objects in place; collect usage."""
         if isinstance(value, dict):
             self._blind_fields(value)
             self.usage.absorb(value.get("usage"))
@@ -71,6 +182,14 @@ class Blinder:
                 if isinstance(inner, dict):
                     self._blind_fields(inner)
                     self.usage.absorb(inner.get("usage"))
+            if value.get("type") == "error" and "error" not in value:
+                # A Responses stream error event carries its fields at the top level.
+                sequence = value.get("sequence_number")
+                kept = self._error_fields(value)
+                value.clear()
+                value.update(kept)
+                if _is_int(sequence):
+                    value["sequence_number"] = sequence
         return value
 
     def _blind_fields(self, value: dict[str, Any]) -> None:
@@ -80,33 +199,78 @@ class Blinder:
             if name in value:
                 # Kept as null: the field stays where SDKs expect it.
                 value[name] = None
+        error = value.get("error")
+        if isinstance(error, dict):
+            value["error"] = self._error_fields(error)
+
+    def _error_text(self, text: str) -> str:
+        # The key first: replacing identifiers inside it could hide it from the scrubber.
+        return self.identifiers.replace(self.scrubber.text(text), self.public_model_id)
+
+    def _error_fields(self, source: dict[str, Any]) -> dict[str, Any]:
+        """``message``, ``type`` and ``code`` of an upstream error object, blinded."""
+        kept: dict[str, Any] = {}
+        for name in ("message", "type", "code"):
+            value = source.get(name)
+            if isinstance(value, str):
+                kept[name] = self._error_text(value)
+            elif name == "code" and name in source and (value is None or _is_int(value)):
+                kept[name] = value
+        return kept
 
     def body(self, raw: bytes) -> bytes:
         """A blinded non-streaming JSON body; raises ValueError if it is not JSON."""
-        value = json.loads(raw)
-        return self.scrub(dumps(self.rewrite(value))).encode("utf-8")
-
-    def error_body(self, raw: bytes, status: int) -> bytes:
-        """An upstream error body with its structure kept but every secret scrubbed."""
         try:
             value = json.loads(raw)
-        except ValueError:
+            self.rewrite(value)
+            return self.scrubber.dumps(value).encode("utf-8")
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+
+    def error_body(self, raw: bytes, status: int) -> bytes:
+        """An upstream error body rebuilt in the OpenAI shape (SPEC §8)."""
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
             value = None
-        if isinstance(value, dict) and isinstance(value.get("error"), dict):
-            return self.scrub(dumps(self.rewrite(value))).encode("utf-8")
-        generic = {
-            "error": {
+        source: Any = value.get("error") if isinstance(value, dict) else None
+        if isinstance(source, str):
+            source = {"message": source}
+        elif source is None and isinstance(value, dict):
+            source = value
+        kept = self._error_fields(source) if isinstance(source, dict) else {}
+        if "message" in kept:
+            error = {
+                "message": kept["message"],
+                "type": kept.get("type", "upstream_error"),
+                "code": kept.get("code"),
+            }
+        else:
+            error = {
                 "message": f"The model provider returned HTTP {status}.",
                 "type": "upstream_error",
                 "code": f"upstream_http_{status}",
             }
-        }
-        return dumps(generic).encode("utf-8")
+        return dumps({"error": error}).encode("utf-8")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def client_headers(upstream_headers) -> dict[str, str]:
-    return {
-        name: upstream_headers[name]
-        for name in FORWARDED_RESPONSE_HEADERS
-        if name in upstream_headers
-    }
+    """The only upstream header a client may see: a well-formed ``retry-after``, re-written."""
+    value = upstream_headers.get("retry-after")
+    retry_after = _retry_after(value) if value else None
+    return {"retry-after": retry_after} if retry_after else {}
+
+
+def _retry_after(value: str) -> str | None:
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return str(int(value))
+    try:
+        # Re-formatted from the parsed instant: nothing of the partner's text survives.
+        return http_date(parse_http_date(value))
+    except ValueError:
+        return None

@@ -344,6 +344,16 @@ def _int_directive(body: dict[str, Any], key: str, default: int, minimum: int) -
     return value
 
 
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body of an ASGI HTTP request."""
+    raw = bytearray()
+    while True:
+        message = await receive()
+        raw += message.get("body", b"")
+        if not message.get("more_body"):
+            return bytes(raw)
+
+
 class DemoUpstream:
     """The ASGI app. ``received`` records every API request, in order, for assertions."""
 
@@ -372,12 +382,7 @@ class DemoUpstream:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = bytearray()
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
         method: str = scope["method"]
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -89,6 +89,16 @@ def internal_error() -> GatewayError:
     )
 
 
+def usage_spool_full() -> GatewayError:
+    """The usage spool is over its budget: a request taken now might go unrecorded."""
+    return GatewayError(
+        503,
+        "The gateway cannot record more requests right now; retry shortly.",
+        error_type="service_unavailable",
+        code="usage_spool_full",
+    )
+
+
 def routing_unavailable() -> GatewayError:
     return unavailable(
         "Routing is temporarily unavailable; retry shortly.", error_kind="routing_unavailable"
@@ -113,10 +123,52 @@ def upstream_malformed() -> GatewayError:
     )
 
 
+def upstream_cut() -> GatewayError:
+    """The partner's response broke off after it had started."""
+    return GatewayError(
+        502,
+        "The model provider ended the response early.",
+        error_type="upstream_error",
+        code="upstream_stream_cut",
+    )
+
+
+def upstream_too_large() -> GatewayError:
+    return GatewayError(
+        502,
+        "The model provider returned a response larger than the gateway accepts.",
+        error_type="upstream_error",
+        code="upstream_too_large",
+    )
+
+
 def upstream_timeout() -> GatewayError:
     return GatewayError(
         504,
         "The model provider did not answer in time.",
         error_type="upstream_error",
         code="upstream_timeout",
+    )
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return bad_request(f"Request body is larger than {limit} bytes.", code="too_large")
+
+
+def unknown_endpoint() -> GatewayError:
+    return GatewayError(
+        404,
+        "Unknown endpoint. This gateway serves POST /v1/chat/completions, POST /v1/responses, "
+        "POST /v1/messages and GET /v1/models.",
+        error_type="invalid_request_error",
+        code="unknown_endpoint",
+    )
+
+
+def method_not_allowed(allowed: tuple[str, ...]) -> GatewayError:
+    return GatewayError(
+        405,
+        f"This endpoint accepts only {' and '.join(allowed)}.",
+        error_type="invalid_request_error",
+        code="method_not_allowed",
     )

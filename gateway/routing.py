@@ -19,7 +19,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -27,6 +26,7 @@ from django.core.cache import cache
 
 from experiments import crypto, routing_cache
 from experiments.models import ExperimentStatus, subject_hash_of_digest
+from gateway.blinding import CheckpointIdentifiers, checkpoint_identifiers
 from gateway.errors import GatewayError, model_not_found, routing_unavailable, unavailable
 from gateway.subjects import Subject
 
@@ -100,6 +100,9 @@ class Route:
     #: The model id sent upstream; None keeps the client's (default upstream).
     internal_id: str | None
     upstream: dict[str, Any]
+    #: What tells this id's checkpoints apart (all of them, not only this one): replaced
+    #: at once in upstream error text so it does not say which one served.
+    identifiers: CheckpointIdentifiers
     #: Set only for experimented requests.
     version_id: str | None = None
     subject_kind: str | None = None
@@ -110,12 +113,6 @@ class Route:
     @property
     def is_experimented(self) -> bool:
         return self.version_id is not None
-
-    @property
-    def upstream_texts(self) -> tuple[str, ...]:
-        """Upstream root, host:port and host: strings a client must never see."""
-        parts = urlsplit(self.base_url)
-        return tuple(t for t in (self.base_url, parts.netloc, parts.hostname or "") if t)
 
 
 @dataclass(frozen=True)
@@ -400,6 +397,7 @@ class Router:
             api_key=api_key,
             internal_id=str(upstream.get("internal_id") or public_model_id),
             upstream=upstream,
+            identifiers=_identifiers_of(payload["variants"], public_model_id),
             version_id=str(variant["version_id"]),
             subject_kind=subject.kind,
             subject_hash=subject_hash_of_digest(digest),
@@ -416,6 +414,17 @@ class Router:
         return ids
 
 
+def _identifiers_of(variants: list[dict[str, Any]], public_model_id: str) -> CheckpointIdentifiers:
+    """The identifiers of every variant's current checkpoint (built once per payload)."""
+    checkpoints = []
+    for variant in variants:
+        upstream = variant.get("upstream")
+        if isinstance(upstream, dict) and upstream.get("base_url"):
+            internal_id = str(upstream.get("internal_id") or public_model_id)
+            checkpoints.append((str(upstream["base_url"]).rstrip("/"), internal_id))
+    return checkpoint_identifiers(tuple(checkpoints))
+
+
 def default_route(public_model_id: str) -> Route:
     base_url = settings.GATEWAY_DEFAULT_UPSTREAM_BASE_URL.rstrip("/")
     if not base_url:
@@ -426,6 +435,7 @@ def default_route(public_model_id: str) -> Route:
         api_key=settings.GATEWAY_DEFAULT_UPSTREAM_API_KEY,
         internal_id=None,
         upstream={},
+        identifiers=checkpoint_identifiers(((base_url, None),)),
     )
 
 

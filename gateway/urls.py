@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import path, re_path
 
 from gateway import views
 
@@ -9,4 +9,6 @@ urlpatterns = [
     path("v1/responses", views.responses, name="responses"),
     path("v1/messages", views.messages, name="messages"),
     path("v1/models", views.models, name="models"),
+    # Last: every other path under /v1/ answers in the OpenAI error shape.
+    re_path(r"^v1/", views.unknown_endpoint, name="unknown-endpoint"),
 ]

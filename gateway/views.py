@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import connection
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
 
 from experiments.models import RequestKind
 from gateway import auth, errors
@@ -30,14 +32,35 @@ from gateway.routing import Route, RoutingUnavailable, router
 from gateway.streaming import EventRewriter, MalformedEvent, error_event, sse_events
 from gateway.subjects import allocation_subject
 from gateway.transforms import transform_body
-from gateway.upstream_client import fetch_default_models, shared_client, upstream_request
+from gateway.upstream_client import (
+    UpstreamResponse,
+    fetch_default_models,
+    shared_client,
+    upstream_request,
+)
 from gateway.usage import Attribution, UsageRecord, writer
 
 logger = logging.getLogger(__name__)
 
 MAX_CLIENT_REQUEST_ID_LENGTH = 512
+#: Deeper JSON is refused: past it a body could exhaust the recursion limit of any code that
+#: walks it (serialising it upstream, capturing the prompt), serde_json's default bound.
+MAX_JSON_DEPTH = 128
+#: As long as a public model id may be (experiments.services).
+MAX_MODEL_ID_LENGTH = 255
+#: A JSON escape of a UTF-16 surrogate (high: D800-DBFF, low: DC00-DFFF).
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 #: Status recorded when the client went away before the response completed (nginx's 499).
 CLIENT_CLOSED_REQUEST = 499
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+#: Python's decoder, refusing NaN and Infinity (not JSON; a partner may choke on them).
+#: Built once: ``json.loads`` with any option builds a decoder per call.
+JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _elapsed_ms(since: float) -> int:
@@ -47,16 +70,16 @@ def _elapsed_ms(since: float) -> int:
 class Exchange:
     """What one model request did, turned into a usage record exactly once."""
 
-    def __init__(self, *, kind: str, user_id: int | None, started: float, request) -> None:
+    def __init__(
+        self, *, kind: str, user_id: int | None, started: float, client_request_id: str | None
+    ) -> None:
         self.kind = kind
         self.user_id = user_id
         self.started = started
         self.created_at = timezone.now()
         self.public_model_id = ""
         self.is_stream = False
-        self.client_request_id = (
-            request.headers.get("x-kilo-request", "").strip()[:MAX_CLIENT_REQUEST_ID_LENGTH] or None
-        )
+        self.client_request_id = client_request_id
         self.route: Route | None = None
         self.upstream_body: dict[str, Any] | None = None
         self.status = 200
@@ -110,28 +133,140 @@ class Exchange:
 
 
 def read_json_body(request) -> dict[str, Any]:
-    from django.conf import settings
+    """The request body as a JSON object with a usable ``model``; a 400 for anything else.
 
+    No second parse: depth is checked by a walk of the parsed containers and lone
+    surrogates by one regular-expression scan of the text (precise only if it finds one).
+    """
     limit = settings.GATEWAY_MAX_BODY_BYTES
-    try:
-        declared = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        declared = 0
-    if declared > limit:
-        raise errors.bad_request(f"Request body is larger than {limit} bytes.", code="too_large")
+    # The gateway's ASGI handler refuses a larger body before reading it; this bound holds
+    # under any other handler (WSGI, Django's test client).
     raw = request.read(limit + 1)
     if len(raw) > limit:
-        raise errors.bad_request(f"Request body is larger than {limit} bytes.", code="too_large")
+        raise errors.body_too_large(limit)
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        # Strict UTF-8 (RFC 8259): refuses invalid bytes and raw surrogate code points.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_unicode() from None
+    try:
+        body = JSON_DECODER.decode(text)
+    except RecursionError:
+        raise too_deep() from None
+    except ValueError:
         raise errors.bad_request("Request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise errors.bad_request("Request body must be a JSON object.", code="invalid_body")
+    if nested_deeper_than(body, MAX_JSON_DEPTH):
+        raise too_deep()
+    if has_lone_surrogate(text):
+        raise invalid_unicode()
+    # SPEC §8: NUL gets a 400. A raw NUL is already invalid JSON; an escaped one is looked
+    # for only when the text holds the escape at all (rare), so the common case costs one
+    # substring search.
+    if "\\u0000" in text and holds_nul(body):
+        raise errors.bad_request(
+            "Request body must not contain NUL characters.", code="invalid_unicode"
+        )
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise errors.bad_request("`model` must be a non-empty string.", code="invalid_model")
+    # The model id is stored in usage rows and may be logged: printable only (no NUL, lone
+    # surrogate, newline or format character) and bounded.
+    if len(model) > MAX_MODEL_ID_LENGTH or not model.isprintable():
+        raise errors.bad_request(
+            f"`model` must be at most {MAX_MODEL_ID_LENGTH} printable characters.",
+            code="invalid_model",
+        )
     return body
+
+
+def too_deep() -> GatewayError:
+    return errors.bad_request(
+        f"Request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="too_deep"
+    )
+
+
+def invalid_unicode() -> GatewayError:
+    return errors.bad_request(
+        "Request body is not valid Unicode (invalid UTF-8 or a lone surrogate).",
+        code="invalid_unicode",
+    )
+
+
+def holds_nul(value: dict | list) -> bool:
+    """Whether any string (or object key) of a parsed JSON value holds U+0000."""
+    pending: list[Any] = [value]
+    while pending:
+        node = pending.pop()
+        if type(node) is dict:
+            for name, child in node.items():
+                if "\x00" in name:
+                    return True
+                pending.append(child)
+        elif type(node) is list:
+            pending.extend(node)
+        elif type(node) is str and "\x00" in node:
+            return True
+    return False
+
+
+def nested_deeper_than(value: dict | list, limit: int) -> bool:
+    """Whether the objects and arrays of a parsed JSON value nest more than ``limit`` levels
+    (``value`` is level 1). Level by level, without recursion, so any depth is safe."""
+    level = [value]
+    for _ in range(limit):
+        below = []
+        for node in level:
+            for child in node.values() if type(node) is dict else node:
+                # json.loads builds exactly these types: an identity test is the cheapest.
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        if not below:
+            return False
+        level = below
+    return True
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether valid JSON ``text`` decodes to a string holding an unpaired surrogate.
+
+    Raw surrogates are refused by strict UTF-8 decoding, so only ``\\uD800``-style escapes
+    can produce one; an escaped high surrogate pairs only with a low one right after it.
+    """
+    if SURROGATE_ESCAPE.search(text) is None:
+        return False
+    # Escaped backslashes out of the way (same length, so nothing becomes adjacent): every
+    # "\\u" left begins an escape.
+    text = text.replace("\\\\", "..")
+    high_end = None  # where the last unpaired high surrogate escape ends
+    for escape in SURROGATE_ESCAPE.finditer(text):
+        if escape.group()[3] in "89abAB":
+            if high_end is not None:
+                return True
+            high_end = escape.end()
+        elif high_end != escape.start():
+            return True
+        else:
+            high_end = None
+    return high_end is not None
+
+
+def client_request_id(request) -> str | None:
+    """``X-Kilo-Request``, stored as sent in attribution rows for feedback joins.
+
+    Refused (400) rather than altered when it could not be stored exactly: over the length
+    bound, or holding a character that is not printable (a truncated or cleaned id would
+    silently break the join it exists for).
+    """
+    value = request.headers.get("x-kilo-request", "").strip()
+    if len(value) > MAX_CLIENT_REQUEST_ID_LENGTH or not value.isprintable():
+        raise errors.bad_request(
+            f"`X-Kilo-Request` must be at most {MAX_CLIENT_REQUEST_ID_LENGTH} printable "
+            "characters.",
+            code="invalid_header",
+        )
+    return value or None
 
 
 def check_field_types(body: dict[str, Any], kind: str) -> None:
@@ -150,12 +285,17 @@ def check_field_types(body: dict[str, Any], kind: str) -> None:
 
 async def proxy(request, kind: str) -> HttpResponse:
     started = time.monotonic()
+    if not writer.accepting:
+        # Evidence first: a request this process cannot record is one it does not serve.
+        return errors.usage_spool_full().response()
     try:
         user_id = await auth.authenticate(request)
         body = read_json_body(request)
+        request_id = client_request_id(request)
     except GatewayError as exc:
+        # Refused before routing: no usage row (SPEC §9 counts requests that reached routing).
         return exc.response()
-    exchange = Exchange(kind=kind, user_id=user_id, started=started, request=request)
+    exchange = Exchange(kind=kind, user_id=user_id, started=started, client_request_id=request_id)
     exchange.public_model_id = body["model"]
     exchange.is_stream = body.get("stream") is True
     streaming = False
@@ -189,39 +329,30 @@ async def proxy(request, kind: str) -> HttpResponse:
 
 
 async def call_upstream(request, exchange: Exchange, route: Route, kind: str) -> HttpResponse:
-    blinder = Blinder(route.public_model_id, route.internal_id, route.upstream_texts)
+    blinder = Blinder.for_route(route)
     exchange.tokens = blinder.usage
-    client = shared_client.get()
-    outgoing = upstream_request(client, request, route, kind, exchange.upstream_body)
-    try:
-        upstream = await client.send(outgoing, stream=True)
-    except httpx.TimeoutException:
-        raise errors.upstream_timeout() from None
-    except httpx.HTTPError:
-        raise errors.upstream_unreachable() from None
-
-    is_event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
-    if upstream.status_code < 400 and is_event_stream:
+    upstream = await shared_client.send(
+        upstream_request(request, route, kind, exchange.upstream_body)
+    )
+    if upstream.status < 400 and upstream.is_event_stream:
         exchange.first_byte()
         return StreamingHttpResponse(
             relay(exchange, upstream, EventRewriter(blinder), kind),
             content_type="text/event-stream; charset=utf-8",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
+    read_whole = False
     try:
-        raw = await upstream.aread()
-    except httpx.TimeoutException:
-        raise errors.upstream_timeout() from None
-    except httpx.HTTPError:
-        raise errors.upstream_unreachable() from None
+        raw = await upstream.read(settings.GATEWAY_MAX_UPSTREAM_BODY_BYTES)
+        read_whole = True
     finally:
-        await upstream.aclose()
+        upstream.close(reusable=read_whole)
     exchange.first_byte()
-    if upstream.status_code >= 400:
-        exchange.failed(upstream.status_code, f"upstream_http_{upstream.status_code}")
+    if upstream.status >= 400:
+        exchange.failed(upstream.status, f"upstream_http_{upstream.status}")
         response = HttpResponse(
-            blinder.error_body(raw, upstream.status_code),
-            status=upstream.status_code,
+            blinder.error_body(raw, upstream.status),
+            status=upstream.status,
             content_type="application/json",
         )
     else:
@@ -229,40 +360,36 @@ async def call_upstream(request, exchange: Exchange, route: Route, kind: str) ->
             content = blinder.body(raw)
         except (ValueError, UnicodeDecodeError):
             raise errors.upstream_malformed() from None
-        response = HttpResponse(
-            content, status=upstream.status_code, content_type="application/json"
-        )
+        response = HttpResponse(content, status=upstream.status, content_type="application/json")
     for name, value in client_headers(upstream.headers).items():
         response[name] = value
     return response
 
 
-async def relay(exchange: Exchange, upstream: httpx.Response, rewriter: EventRewriter, kind: str):
+async def relay(exchange: Exchange, upstream: UpstreamResponse, rewriter: EventRewriter, kind: str):
     """Relay events as they arrive; end with an error event if the upstream fails mid-way."""
     completed = False
     try:
         fault: GatewayError | None = None
         try:
-            async for raw in sse_events(upstream.aiter_bytes()):
-                yield rewriter.event(raw)
+            async for raw in sse_events(
+                upstream.chunks(), max_event_bytes=settings.GATEWAY_MAX_SSE_EVENT_BYTES
+            ):
+                out = rewriter.event(raw)
+                if out:
+                    yield out
             if not rewriter.finished:
-                fault = GatewayError(
-                    502,
-                    "The model provider ended the stream early.",
-                    error_type="upstream_error",
-                    code="upstream_stream_cut",
-                )
+                fault = errors.upstream_cut()
         except MalformedEvent:
             fault = errors.upstream_malformed()
-        except httpx.TimeoutException:
-            fault = errors.upstream_timeout()
-        except httpx.HTTPError:
-            fault = GatewayError(
-                502,
-                "The model provider ended the stream early.",
-                error_type="upstream_error",
-                code="upstream_stream_cut",
-            )
+        except GatewayError as exc:
+            fault = exc
+        try:
+            held = rewriter.flush()
+        except MalformedEvent:
+            held, fault = b"", fault or errors.upstream_malformed()
+        if held:
+            yield held
         if fault is not None:
             # Headers (200) are already sent: the status stays, the error is in the stream.
             exchange.error_kind = fault.error_kind
@@ -278,29 +405,52 @@ async def relay(exchange: Exchange, upstream: httpx.Response, rewriter: EventRew
             exchange.failed(CLIENT_CLOSED_REQUEST, "client_disconnected")
         # Closing a broken connection can fail; there is nothing more to learn from it.
         with contextlib.suppress(Exception):
-            await upstream.aclose()
+            upstream.close(reusable=completed and fault is None)
         exchange.record()
 
 
+def allow_methods(*methods: str) -> Callable[[Callable], Callable]:
+    """Django's ``require_http_methods`` with an OpenAI-shaped 405 (and its ``Allow``)."""
+
+    def decorator(view):
+        @functools.wraps(view)
+        async def checked(request, *args, **kwargs) -> HttpResponse:
+            if request.method not in methods:
+                response = errors.method_not_allowed(methods).response()
+                response["Allow"] = ", ".join(methods)
+                return response
+            return await view(request, *args, **kwargs)
+
+        return checked
+
+    return decorator
+
+
 @csrf_exempt
-@require_POST
+@allow_methods("POST")
 async def chat_completions(request) -> HttpResponse:
     return await proxy(request, RequestKind.CHAT_COMPLETIONS)
 
 
 @csrf_exempt
-@require_POST
+@allow_methods("POST")
 async def responses(request) -> HttpResponse:
     return await proxy(request, RequestKind.RESPONSES)
 
 
 @csrf_exempt
-@require_POST
+@allow_methods("POST")
 async def messages(request) -> HttpResponse:
     return await proxy(request, RequestKind.MESSAGES)
 
 
-@require_GET
+@csrf_exempt
+async def unknown_endpoint(request) -> HttpResponse:
+    """Any other path under /v1/: an OpenAI-shaped 404, whatever the method."""
+    return errors.unknown_endpoint().response()
+
+
+@allow_methods("GET")
 async def models(request) -> HttpResponse:
     try:
         await auth.authenticate(request)
@@ -342,12 +492,15 @@ async def readyz(request) -> HttpResponse:
         cache_ok = await asyncio.wait_for(router.store.ping(), timeout=2)
     except Exception:
         cache_ok = False
-    ready = database and cache_ok
+    spool_ok = writer.accepting
+    ready = database and cache_ok and spool_ok
     return JsonResponse(
         {
             "status": "ready" if ready else "unavailable",
             "database": "ok" if database else "unavailable",
             "cache": "ok" if cache_ok else "unavailable",
+            # "full": model requests get 503 usage_spool_full until the spool drains.
+            "usage_spool": "ok" if spool_ok else "full",
         },
         status=200 if ready else 503,
     )

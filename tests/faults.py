@@ -32,6 +32,10 @@ def _reset(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0), as a vanished host's kernel would answer."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    # close() alone does not end a connection while a pump thread is blocked in recv() on
+    # it (the call keeps the socket alive): shutdown() wakes that thread first.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
 

@@ -37,12 +37,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_database_url() -> str:
+def test_database_url(address: tuple[str, int] | None = None) -> str:
+    """The test database's URL, or the same database reached through ``address`` (a proxy)."""
     db = connection.settings_dict
     auth = quote(db["USER"] or "")
     if db.get("PASSWORD"):
         auth += ":" + quote(db["PASSWORD"])
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    host, port = address or (db["HOST"] or "127.0.0.1", db["PORT"] or 5432)
+    return f"postgres://{auth}@{host}:{port}/{db['NAME']}"
 
 
 class GatewayServer:
@@ -113,6 +115,7 @@ def server_env(tmp_dir: Path, **overrides: str) -> dict[str, str]:
             "DATABASE_URL": test_database_url(),
             "DATABASE_CONN_MAX_AGE": "60",
             "PROMPT_STORE_DIR": str(tmp_dir / "prompts"),
+            "GATEWAY_SPOOL_DIR": str(tmp_dir / "spool"),
             "GATEWAY_UPSTREAM_TIMEOUT": "3",
             "LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",

@@ -7,6 +7,8 @@ uvicorn serves), so these run on SQLite and on PostgreSQL alike.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,6 +17,8 @@ from django.conf import settings
 from django.core import signals
 from django.core.cache import caches
 from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.base import BaseHandler
+from django.core.handlers.exception import convert_exception_to_response
 from django.test import override_settings
 
 from config.asgi import application, build_application
@@ -174,3 +178,47 @@ def test_boundary_hook_runs_in_a_sync_thread_when_the_context_holds_a_connection
     with ThreadPoolExecutor(max_workers=1) as loop_thread:
         loop_thread.submit(asyncio.run, boundary()).result()
     assert ran_on_event_loop == [False]
+
+
+#: Django code that config/gateway_handler.py copies, replaces or relies on, pinned by the
+#: SHA-256 of its source (first 16 hex digits), with what to re-check when it changes.
+DJANGO_SOURCES = [
+    (ASGIHandler.handle, "98faeb5bef800331", "GatewayASGIHandler.handle is a copy of it"),
+    (ASGIHandler.read_body, "cf4aa904631d5410", "GatewayASGIHandler.read_body is a bounded copy"),
+    (
+        BaseHandler.get_response_async,
+        "ad82c920df0cebbb",
+        "GatewayASGIHandler.get_response_async is a copy of it (logging inline)",
+    ),
+    (
+        BaseHandler.load_middleware,
+        "a1fb7ee5f8586195",
+        "GatewayASGIHandler.load_middleware must set every attribute it sets",
+    ),
+    (
+        convert_exception_to_response,
+        "a297ae868bddaca2",
+        "convert_exception_to_openai_error stands in for it on every layer of the chain",
+    ),
+    (ASGIHandler.create_request, "5eae59c6696013ff", "handle and refuse_body call it"),
+    (
+        ASGIHandler.listen_for_disconnect,
+        "c729aa315c734f98",
+        "handle runs it only once the body is read whole",
+    ),
+    (ASGIHandler.send_response, "77eda2b08689b44e", "refuse_body and handle send through it"),
+    (ASGIHandler.run_get_response, "0234ea5fe09a5777", "handle calls it"),
+]
+
+
+@pytest.mark.parametrize(
+    ("function", "pinned", "recheck"),
+    DJANGO_SOURCES,
+    ids=[function.__qualname__ for function, _, _ in DJANGO_SOURCES],
+)
+def test_django_code_the_gateway_handler_copies_is_unchanged(function, pinned, recheck):
+    digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+    assert digest == pinned, (
+        f"Django's {function.__qualname__} changed (source SHA-256 {digest}, pinned {pinned}): "
+        f"re-check config/gateway_handler.py ({recheck}), port the change, then update the pin."
+    )

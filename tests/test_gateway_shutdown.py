@@ -1,9 +1,8 @@
-"""Graceful shutdown (ASGI lifespan) flushes pending usage writes before it completes."""
+"""Graceful shutdown (ASGI lifespan) writes pending usage records before it completes."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from django.utils import timezone
@@ -45,16 +44,15 @@ async def shut_down() -> list[dict]:
     return sent
 
 
+@pytest.fixture
+def spool_dir(settings, tmp_path):
+    settings.GATEWAY_SPOOL_DIR = tmp_path / "spool"
+    return settings.GATEWAY_SPOOL_DIR
+
+
 @pytest.mark.django_db(transaction=True)
-def test_lifespan_shutdown_completes_only_after_pending_usage_rows_are_written(monkeypatch):
-    original = usage.write_records
-
-    def slow_write(records):
-        # Long enough that a shutdown which did not wait would finish first.
-        time.sleep(0.5)
-        original(records)
-
-    monkeypatch.setattr(usage, "write_records", slow_write)
+def test_lifespan_shutdown_completes_only_after_pending_usage_rows_are_written(spool_dir):
+    # Submitted just before the shutdown: the writer is still lingering to fill a batch.
     for index in range(3):
         usage.writer.submit(record(index))
 
@@ -63,3 +61,13 @@ def test_lifespan_shutdown_completes_only_after_pending_usage_rows_are_written(m
     assert sent[-1] == {"type": "lifespan.shutdown.complete"}
     assert usage.writer.pending() == 0
     assert GatewayUsage.objects.filter(public_model_id__startswith="kilo/shutdown-").count() == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_graceful_shutdown_leaves_an_empty_spool_when_the_database_is_up(spool_dir):
+    for index in range(3):
+        usage.writer.submit(record(index))
+
+    asyncio.run(shut_down())
+
+    assert list(spool_dir.iterdir()) == []

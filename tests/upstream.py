@@ -14,19 +14,19 @@ from typing import Any
 import pytest
 import uvicorn
 
-from gateway.demo_upstream import DemoUpstream, make_app
+from gateway.demo_upstream import make_app
 
 PARTNER_API_KEY = "sk-partner-demo-upstream-key-4c1d"
 STARTUP_TIMEOUT_SECONDS = 10
 
 
 class RunningUpstream:
-    """A demo upstream served by uvicorn in a daemon thread."""
+    """A partner upstream (an ASGI app) served by uvicorn in a daemon thread."""
 
-    def __init__(self, *, expected_api_key: str | None = None) -> None:
-        self.app: DemoUpstream = make_app(expected_api_key=expected_api_key)
+    def __init__(self, app: Any) -> None:
+        self.app = app
         config = uvicorn.Config(
-            self.app,
+            app,
             host="127.0.0.1",
             port=0,
             log_level="warning",
@@ -37,7 +37,7 @@ class RunningUpstream:
             timeout_graceful_shutdown=1,
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="demo-upstream", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, name="upstream", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -73,7 +73,7 @@ class UpstreamHandle:
 
 
 def _serve(expected_api_key: str | None) -> Iterator[RunningUpstream]:
-    running = RunningUpstream(expected_api_key=expected_api_key)
+    running = RunningUpstream(make_app(expected_api_key=expected_api_key))
     running.start()
     yield running
     running.stop()
