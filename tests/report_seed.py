@@ -2,25 +2,26 @@
 
 Rows are built in memory first (``SeededRequest``) so tests can compute the
 expected figures from them independently of the reports under test; they are
-written as the gateway's writer writes them: usage and attribution rows and the
-rollups (``record_requests``) in one transaction.
+written through the gateway's own writer code (``record_rows``, ``write_rows``):
+usage and attribution rows and their rollups, in one transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.contrib.auth import get_user_model
-from django.db import transaction
 from django.utils import timezone
 
-from experiments.models import AllocationSubject, Experiment, ExperimentRequest, VariantVersion
-from experiments.reports.rollups import WRITER, record_requests
-from gateway.models import GatewayUsage
+from experiments.models import AllocationSubject, Experiment, VariantVersion
+from experiments.reports import rollups
+from gateway.spool import Spool
+from gateway.usage import Attribution, UsageRecord, record_rows, write_rows
 from tests.factories import (
     ExperimentFactory,
     VariantFactory,
@@ -168,57 +169,48 @@ def seed_experiment(
     return SeededExperiment(experiment, versions, swap_at, start, rows)
 
 
+def usage_record(row: SeededRequest, public_model_id: str) -> UsageRecord:
+    """The record the gateway's view would have handed its writer for this request."""
+    return UsageRecord(
+        id=row.usage_id,
+        created_at=row.created_at,
+        user_id=row.user_id,
+        public_model_id=public_model_id,
+        request_kind="chat_completions",
+        is_stream=row.is_stream,
+        status_code=row.status_code,
+        has_error=row.has_error,
+        error_kind=row.error_kind,
+        input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens,
+        ttfb_ms=row.ttfb_ms,
+        total_ms=row.total_ms,
+        attribution=Attribution(
+            version_id=str(row.version_id),
+            allocation_subject=row.subject_kind,
+            client_request_id=row.client_request_id,
+            # Stored as the gateway stores it: the first 16 bytes, as a uuid.
+            allocation_subject_hash=uuid.UUID(row.subject_hash[:32]),
+            upstream_body=None,  # the prompt is not captured again: its hash is given
+        ),
+    )
+
+
 def insert_requests(
-    rows: list[SeededRequest], *, public_model_id: str, writer: int = WRITER
-) -> None:
-    with transaction.atomic():
-        _insert(rows, public_model_id, writer)
-
-
-def _insert(rows: list[SeededRequest], public_model_id: str, writer: int) -> None:
-    GatewayUsage.objects.bulk_create(
-        [
-            GatewayUsage(
-                id=row.usage_id,
-                created_at=row.created_at,
-                user_id=row.user_id,
-                public_model_id=public_model_id,
-                request_kind="chat_completions",
-                status_code=row.status_code,
-                has_error=row.has_error,
-                error_kind=row.error_kind,
-                is_stream=row.is_stream,
-                input_tokens=row.input_tokens,
-                output_tokens=row.output_tokens,
-                ttfb_ms=row.ttfb_ms,
-                total_ms=row.total_ms,
-            )
-            for row in rows
-        ]
-    )
-    requests = ExperimentRequest.objects.bulk_create(
-        [
-            ExperimentRequest(
-                usage_id=row.usage_id,
-                variant_version_id=row.version_id,
-                allocation_subject=row.subject_kind,
-                # Stored as the gateway stores it: the first 16 bytes, as a uuid.
-                allocation_subject_hash=uuid.UUID(row.subject_hash[:32]),
-                client_request_id=row.client_request_id,
-                request_kind="chat_completions",
-                request_body_sha256=row.body_sha256,
-                created_at=row.created_at,
-                # The writer's copies of the usage measures.
-                status_code=row.status_code,
-                has_error=row.has_error,
-                error_kind=row.error_kind,
-                is_stream=row.is_stream,
-                input_tokens=row.input_tokens,
-                output_tokens=row.output_tokens,
-                ttfb_ms=row.ttfb_ms,
-                total_ms=row.total_ms,
-            )
-            for row in rows
-        ]
-    )
-    record_requests([vars(request) for request in requests], writer=writer)
+    rows: list[SeededRequest], *, public_model_id: str, writer: int | None = None
+) -> list[SeededRequest]:
+    """Write rows as the gateway's usage writer does (usage and attribution rows and
+    their rollups, in one transaction), as ``writer`` (default: this process's id).
+    Returns the rows that were new."""
+    batch = [
+        record_rows(usage_record(row, public_model_id).spool_entry(), (row.body_sha256, False))
+        for row in rows
+    ]
+    previous, rollups.WRITER = rollups.WRITER, writer or rollups.WRITER
+    try:
+        with tempfile.TemporaryDirectory() as quarantine:
+            written = write_rows(batch, Spool(quarantine, 10**9, 1.0))
+    finally:
+        rollups.WRITER = previous
+    new = {written_rows.usage["id"] for written_rows in written}
+    return [row for row in rows if row.usage_id in new]

@@ -11,6 +11,7 @@ import pytest
 from django.db import OperationalError, connection, transaction
 
 from experiments.reports.report import experiment_report
+from gateway.usage import DatabaseUnreachable
 from tests.conftest import requires_postgres
 from tests.report_seed import insert_requests, seed_experiment
 
@@ -79,5 +80,7 @@ def test_two_writers_add_to_the_same_checkpoint_and_minute_without_waiting():
 def test_writers_sharing_an_id_would_wait_for_each_other():
     # Why writer ids exist: the same rollup rows, updated by two open transactions.
     seeded = seed_experiment(subjects=40, requests=200)
-    with pytest.raises(OperationalError, match="lock timeout"):
+    with pytest.raises(DatabaseUnreachable) as waited:
         write_while_another_writer_holds_its_transaction(seeded, 101, 101)
+    assert isinstance(waited.value.__cause__, OperationalError)
+    assert "lock timeout" in str(waited.value.__cause__)

@@ -27,7 +27,7 @@ from experiments.reports import rollups
 from experiments.reports.filters import ReportFilters, bucket_ranges
 from experiments.reports.histogram import RELATIVE_ACCURACY, key_of, percentile, value_of
 from experiments.reports.report import experiment_report
-from tests.report_seed import seed_experiment
+from tests.report_seed import insert_requests, seed_experiment
 
 
 def quantile(values, fraction):
@@ -124,6 +124,17 @@ def test_compaction_folds_every_writer_into_one_share_and_changes_no_figure():
     for model in (RequestRollup, ErrorKindRollup, LatencyBin):
         assert set(model.objects.values_list("writer", flat=True)) == {rollups.COMPACTED_WRITER}
     assert [report_figures(seeded.experiment, f) for f in windows(seeded)] == before
+
+
+@pytest.mark.django_db
+def test_a_replayed_record_counts_once():
+    seeded = seed_experiment(subjects=30, requests=120)
+    before = rollup_state()
+    figures = report_figures(seeded.experiment)
+    public_id = seeded.experiment.public_model_id
+    assert insert_requests(seeded.requests[:50], public_model_id=public_id, writer=77) == []
+    assert rollup_state() == before
+    assert report_figures(seeded.experiment) == figures
 
 
 # --- every figure equals the raw rows ------------------------------------------------
@@ -235,8 +246,6 @@ def test_an_earlier_record_landing_late_moves_its_subject_to_the_earlier_minute(
         created_at=late.created_at - timedelta(minutes=10),
         client_request_id=None,
     )
-    from tests.report_seed import insert_requests
-
     insert_requests([earlier], public_model_id=seeded.experiment.public_model_id, writer=99)
     minute = earlier.created_at.replace(second=0)
     around_earlier = ReportFilters(since=minute, until=minute + timedelta(minutes=1))

@@ -538,14 +538,16 @@ _BIN_NAMES = (
 )
 
 
-def record_requests(rows: Sequence[Mapping[str, Any]], *, writer: int = WRITER) -> None:
+def record_requests(rows: Sequence[Mapping[str, Any]], *, writer: int | None = None) -> None:
     """Add attribution rows just inserted to the rollups, in the caller's transaction.
 
     ``rows`` map ``ExperimentRequest`` attnames to values (a dict per row, or a model
     instance's ``__dict__``); each row must be passed once, when it is first inserted.
+    ``writer`` defaults to this process's ``WRITER``.
     """
     if not rows:
         return
+    writer = WRITER if writer is None else writer
     with transaction.atomic(savepoint=False):
         aggregate = _Aggregate()
         for row in rows:
