@@ -25,13 +25,16 @@ RELATIVE_ACCURACY = 0.01
 MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)
 #: The bin of exact zeros (a 0 ms time to first byte): logarithms start above 0.
 ZERO_KEY = -(2**31)
+#: key = ceil(ln(v) / ln(gamma)): the mapping's key, in a form SQL computes the same way
+#: (the rollups compute keys in the database; ``value_of`` is the mapping's own).
+KEY_MULTIPLIER = 1 / math.log(MAPPING.gamma)
 
 
 def key_of(value: float) -> int:
-    """The bin of a value >= 0."""
+    """The bin of a value >= 0 (as the rollups' SQL computes it)."""
     if value <= 0:
         return ZERO_KEY
-    return MAPPING.key(value)
+    return math.ceil(math.log(value) * KEY_MULTIPLIER)
 
 
 def value_of(key: int) -> float:
