@@ -370,6 +370,16 @@ def test_keyset_pages_with_a_filter_return_exactly_the_matching_rows(seeded):
     assert {row.usage_id for row in seen} == {r.usage_id for r in seeded.requests if r.has_error}
 
 
+def test_stats_page_shows_errors_by_kind_and_says_a_window_was_widened(staff_client, seeded):
+    since = (seeded.start.replace(second=0) + timedelta(minutes=5, seconds=30)).isoformat()
+    response = staff_client.get(
+        url("experiments_experiment_stats", seeded), {"window": "custom", "since": since[:19]}
+    )
+    page = response.content.decode()
+    assert "upstream_5xx" in page and "timeout" in page
+    assert "widened to whole minutes" in page
+
+
 RAW_TABLES = ("model_experiment_request", "gateway_usage")
 
 

@@ -419,3 +419,25 @@ def test_experiment_report_reads_no_raw_row(seeded, args):
         run_report(str(seeded.experiment.pk), "--format", "json", *args)
     raw = ("model_experiment_request", "gateway_usage")
     assert not [q for q in queries.captured_queries if any(t in q["sql"] for t in raw)]
+
+
+def test_json_export_carries_errors_by_kind_status_classes_and_throughput(seeded):
+    exported = json.loads(run_report(str(seeded.experiment.pk), "--format", "json"))
+    report = experiment_report(seeded.experiment)
+    by_internal = {c["internal_id"]: c for s in exported["slots"] for c in s["checkpoints"]}
+    for checkpoint in report.checkpoints:
+        row = by_internal[checkpoint.internal_id]
+        assert row["errors_by_kind"] == checkpoint.errors_by_kind
+        assert sum(row["errors_by_kind"].values()) == row["errors"]
+        assert row["status_classes"] == checkpoint.status_classes
+        assert row["throughput_tok_s_p50"] == pytest.approx(checkpoint.throughput_p50)
+        assert row["streamed"] == checkpoint.streamed
+
+
+def test_json_export_says_when_the_window_was_widened(seeded):
+    since = (seeded.start.replace(second=0) + timedelta(minutes=30, seconds=5)).isoformat()
+    exported = json.loads(
+        run_report(str(seeded.experiment.pk), "--format", "json", "--since", since)
+    )
+    assert exported["window"]["widened_to_whole_minutes"] is True
+    assert any("widened to whole minutes" in note for note in exported["notes"])

@@ -21,6 +21,7 @@ from experiments.reports.figures import (
     timeseries,
 )
 from experiments.reports.filters import ReportFilters
+from experiments.reports.histogram import RELATIVE_ACCURACY
 from experiments.reports.statistics import Comparison, SrmResult, compare, sample_ratio_check
 from experiments.selectors import slot_histories
 
@@ -47,6 +48,27 @@ class ExperimentReport:
     @property
     def windowed(self) -> bool:
         return self.filters.since is not None or self.filters.until is not None
+
+    @property
+    def notes(self) -> list[str]:
+        """What the figures mean where it is not obvious: on the page and in exports."""
+        notes = [
+            f"Percentiles come from log-bucket histograms, within {RELATIVE_ACCURACY:.0%} of "
+            "the exact value (linear interpolation, as PostgreSQL percentile_cont); counts, "
+            "sums, means and subjects are exact.",
+        ]
+        if self.filters.widened:
+            notes.append("The window was widened to whole minutes (rollups are per minute).")
+        if self.windowed:
+            notes.append(
+                "In a window, subjects, users and messages count those first seen in it; the "
+                "sample-ratio check counts each subject once, in the slot it was assigned to."
+            )
+        notes.append(
+            "Messages (distinct client request ids) are exact within a calendar month (UTC): "
+            "an id reused in another month counts again."
+        )
+        return notes
 
 
 def experiment_report(
