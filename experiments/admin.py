@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import wraps
 from typing import Any
 
 from django import forms
@@ -26,15 +27,15 @@ from django.contrib.admin.actions import delete_selected as django_delete_select
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
-from django.db.models import Count, OuterRef, Prefetch, Subquery, Sum
+from django.db.models import Count, Sum
 from django.forms.models import BaseInlineFormSet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from experiments import services
+from experiments import report_views, selectors, services
 from experiments.forms import (
     ExperimentForm,
     HotSwapForm,
@@ -42,7 +43,7 @@ from experiments.forms import (
     show_service_error,
     upstream_initial,
 )
-from experiments.models import Experiment, ExperimentStatus, Variant, VariantVersion
+from experiments.models import Experiment, ExperimentStatus, Variant
 from experiments.services import ExperimentError
 
 TRANSITION_PERMISSION = "experiments.transition_experiment"
@@ -154,16 +155,7 @@ class VariantInline(admin.TabularInline):
         return fields
 
     def get_queryset(self, request):
-        history = VariantVersion.objects.select_related("created_by").order_by(
-            "-effective_at", "-id"
-        )
-        current = VariantVersion.objects.filter(variant=OuterRef("pk")).effective_at()
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(current_version_id=Subquery(current.values("pk")[:1]))
-            .prefetch_related(Prefetch("versions", queryset=history))
-        )
+        return selectors.with_version_history(super().get_queryset(request))
 
     def get_formset(self, request, obj=None, **kwargs):
         formset = super().get_formset(request, obj, **kwargs)
@@ -290,20 +282,15 @@ class ExperimentAdmin(admin.ModelAdmin):
         return fields
 
     def get_queryset(self, request):
-        return (
-            super()
-            .get_queryset(request)
-            .select_related("created_by")
-            .annotate(variant_total=Count("variants", distinct=True))
-        )
+        return selectors.with_variant_counts(super().get_queryset(request))
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, experiment: Experiment) -> str:
         return status_badge_html(experiment)
 
-    @admin.display(description="variants", ordering="variant_total")
+    @admin.display(description="variants", ordering="variant_count")
     def variant_count(self, experiment: Experiment) -> int:
-        return experiment.variant_total
+        return experiment.variant_count
 
     # --- permissions ----------------------------------------------------------------
 
@@ -546,10 +533,24 @@ class ExperimentAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{name}: deleted.", messages.SUCCESS)
         return None
 
-    # --- hot-swap and key rotation pages ---------------------------------------------
+    # --- our own pages: hot-swap, key rotation, reports ---------------------------------
 
     def get_urls(self):
+        reports = [
+            ("stats/", report_views.experiment_stats, "stats"),
+            ("requests/", report_views.experiment_requests, "requests"),
+            ("requests/<uuid:usage_id>/", report_views.experiment_request_detail, "request_detail"),
+            ("feedback/", report_views.experiment_feedback, "feedback"),
+        ]
         own = [
+            *(
+                path(
+                    f"<path:object_id>/{route}",
+                    self.admin_site.admin_view(self._report_page(view)),
+                    name=f"experiments_experiment_{name}",
+                )
+                for route, view, name in reports
+            ),
             path(
                 "<path:object_id>/variants/<uuid:variant_id>/hot-swap/",
                 self.admin_site.admin_view(self.hot_swap_view),
@@ -563,6 +564,20 @@ class ExperimentAdmin(admin.ModelAdmin):
         ]
         return own + super().get_urls()
 
+    def _report_page(self, view):
+        """A report page of one experiment, behind the admin's view permission hook."""
+
+        @wraps(view)
+        def page(request: HttpRequest, object_id: str, **kwargs) -> HttpResponse:
+            experiment = self.get_object(request, unquote(object_id))
+            if experiment is None:
+                raise Http404("No such experiment.")
+            if not self.has_view_permission(request, experiment):
+                raise PermissionDenied
+            return view(request, self, experiment, **kwargs)
+
+        return page
+
     def _variant_for(self, request, object_id: str, variant_id, permission: str) -> Variant:
         if not request.user.has_perm(permission):
             raise PermissionDenied
@@ -575,7 +590,7 @@ class ExperimentAdmin(admin.ModelAdmin):
     def _checkpoint_page(
         self, request, variant: Variant, form: forms.Form, title: str, template: str
     ) -> HttpResponse:
-        current = services.current_version(variant)
+        current = selectors.current_version(variant)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
@@ -600,7 +615,7 @@ class ExperimentAdmin(admin.ModelAdmin):
 
     def hot_swap_view(self, request, object_id: str, variant_id) -> HttpResponse:
         variant = self._variant_for(request, object_id, variant_id, HOTSWAP_PERMISSION)
-        current = services.current_version(variant)
+        current = selectors.current_version(variant)
         form = HotSwapForm(
             request.POST if request.method == "POST" else None,
             initial={"upstream": upstream_initial(current.upstream if current else None)},

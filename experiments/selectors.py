@@ -10,7 +10,57 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from django.db.models import (
+    BooleanField,
+    Count,
+    ExpressionWrapper,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+)
+
 from experiments.models import Experiment, Variant, VariantVersion
+
+
+def current_version(variant: Variant, *, moment=None, with_ciphertext: bool = False):
+    """The checkpoint a slot serves at ``moment`` (default now): greatest
+    (effective_at, id) among its versions effective by then (SPEC §2)."""
+    manager = VariantVersion.with_ciphertext if with_ciphertext else VariantVersion.objects
+    return manager.filter(variant=variant).effective_at(moment).first()
+
+
+def current_version_with_key_state(variant: Variant) -> VariantVersion | None:
+    """``current_version`` with ``key_configured`` computed in SQL, so the ciphertext
+    itself is never selected."""
+    return (
+        VariantVersion.objects.filter(variant=variant)
+        .effective_at()
+        .annotate(
+            key_configured=ExpressionWrapper(
+                Q(encrypted_api_key__isnull=False), output_field=BooleanField()
+            )
+        )
+        .first()
+    )
+
+
+def with_variant_counts(experiments: QuerySet[Experiment]) -> QuerySet[Experiment]:
+    """Experiments annotated with ``variant_count`` (one query for a whole list)."""
+    return experiments.select_related("created_by").annotate(
+        variant_count=Count("variants", distinct=True)
+    )
+
+
+def with_version_history(variants: QuerySet[Variant]) -> QuerySet[Variant]:
+    """Slots with their version history (newest first, ``versions``) and
+    ``current_version_id``, in two queries for any number of slots."""
+    history = VariantVersion.objects.select_related("created_by").order_by("-effective_at", "-id")
+    current = VariantVersion.objects.filter(variant=OuterRef("pk")).effective_at()
+    return variants.annotate(
+        current_version_id=Subquery(current.values("pk")[:1])
+    ).prefetch_related(Prefetch("versions", queryset=history))
 
 
 @dataclass

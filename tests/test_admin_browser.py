@@ -7,7 +7,7 @@ import os
 import pytest
 from django.urls import reverse
 
-from experiments import services
+from experiments import selectors, services
 from experiments.models import Experiment, ExperimentStatus
 from tests.browser import chromium_page, screenshot
 from tests.factories import SuperUserFactory
@@ -110,7 +110,7 @@ def test_staff_runs_an_experiment_from_draft_to_archive_in_the_browser(live_serv
     experiment.refresh_from_db()
     assert (experiment.status, experiment.is_archived) == (ExperimentStatus.COMPLETED, True)
     current = {
-        variant.label: services.current_version(variant).upstream
+        variant.label: selectors.current_version(variant).upstream
         for variant in experiment.variants.all()
     }
     assert current["control"] == {
@@ -139,4 +139,4 @@ def test_hot_swap_error_is_shown_next_to_the_field_in_the_browser(live_server):
         errors = page.inner_text(".field-upstream ul.errorlist")
         assert "base_url: Value error, must be an http(s) URL" in errors
         assert page.input_value("#id_api_key") == ""  # the key is never rendered back
-        assert not services.current_version(experiment.variants.get())
+        assert not selectors.current_version(experiment.variants.get())

@@ -11,7 +11,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from experiments.models import Experiment
-from gateway.prompt_maintenance import (
+from experiments.prompts.maintenance import (
     DEFAULT_GRACE,
     MIN_GRACE,
     GcSummary,
@@ -20,7 +20,7 @@ from gateway.prompt_maintenance import (
     count_wipeable,
     wipe_prompts,
 )
-from gateway.prompt_store import get_prompt_store
+from experiments.prompts.store import get_prompt_store
 
 BAR_WIDTH = 30
 
