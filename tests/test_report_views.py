@@ -17,6 +17,7 @@ from experiments.models import PROMPT_HASH_DELETED, PROMPT_HASH_FAILED, Experime
 from experiments.prompts.store import get_prompt_store
 from experiments.reports.browser import browse_requests
 from experiments.reports.filters import BrowserFilters
+from gateway.models import GatewayUsage
 from tests.factories import StaffUserFactory, SuperUserFactory
 from tests.report_seed import seed_experiment
 
@@ -370,10 +371,11 @@ def test_keyset_pages_return_every_row_exactly_once_in_order(seeded):
 
 def test_keyset_pages_break_ties_between_equal_timestamps(db):
     seeded = seed_experiment(subjects=10, requests=40)
-    # Everything at one instant: only usage_id orders the rows.
-    ExperimentRequest.objects.filter(usage_id__in=[r.usage_id for r in seeded.requests]).update(
-        created_at=seeded.start
-    )
+    # Everything at one instant: only usage_id orders the rows. (Both rows of a request
+    # keep the same created_at, as SPEC §2 requires and the foreign key checks.)
+    ids = [r.usage_id for r in seeded.requests]
+    GatewayUsage.objects.filter(id__in=ids).update(created_at=seeded.start)
+    ExperimentRequest.objects.filter(usage_id__in=ids).update(created_at=seeded.start)
     seen, _ = walk_pages(seeded.experiment, page_size=6)
     ids = [row.usage_id for row in seen]
     assert sorted(ids, reverse=True) == ids and len(set(ids)) == 40
