@@ -66,7 +66,7 @@ async def measure() -> dict[str, tuple[float, float]]:
         started = clock()
         membership = await router.membership()
         assert BENCH_PUBLIC_MODEL_ID in membership.ids
-        payload = await router.payload(BENCH_PUBLIC_MODEL_ID, membership.generation)
+        payload = await router.payload(BENCH_PUBLIC_MODEL_ID, membership)
         variant = pick_variant(payload["variants"], payload["experiment_id"], subject)
         crypto.decrypt_api_key(variant["encrypted_api_key"])
         samples.append(clock() - started)

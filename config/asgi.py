@@ -46,7 +46,7 @@ async def _shutdown() -> None:
     from gateway.usage import writer
 
     await shared_client.aclose()
-    await router.store.aclose()
+    await router.aclose()
     flushed = await asyncio.to_thread(writer.stop, SHUTDOWN_FLUSH_SECONDS)
     if not flushed:
         logger.error("shutdown: %d usage records not yet spooled or written", writer.pending())

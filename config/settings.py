@@ -250,8 +250,12 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024)
 GATEWAY_MAX_SSE_EVENT_BYTES = env_int("GATEWAY_MAX_SSE_EVENT_BYTES", 8 * 1024 * 1024)
 # Largest non-streamed partner response (after decoding) a worker buffers; more is a 502.
 GATEWAY_MAX_UPSTREAM_BODY_BYTES = env_int("GATEWAY_MAX_UPSTREAM_BODY_BYTES", 64 * 1024 * 1024)
-# How long a worker trusts its in-process membership copy before asking Redis.
+# How often a worker confirms its routing copy against the database's routing generation:
+# the bound on how long a committed routing change takes to reach every worker.
 GATEWAY_MEMBERSHIP_TTL_SECONDS = env_float("GATEWAY_MEMBERSHIP_TTL_SECONDS", 1.0)
+# While the database is unreachable, how long a worker keeps routing by the last state the
+# database confirmed; after that it fails closed (503) for every model request.
+GATEWAY_ROUTING_OUTAGE_GRACE_SECONDS = env_float("GATEWAY_ROUTING_OUTAGE_GRACE_SECONDS", 600.0)
 # How long a worker trusts a verified (or unknown) token hash: the revocation delay.
 GATEWAY_TOKEN_CACHE_TTL_SECONDS = env_float("GATEWAY_TOKEN_CACHE_TTL_SECONDS", 10.0)
 # Durable spool for usage records the database cannot take yet (gateway/spool.py).

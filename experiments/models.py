@@ -73,14 +73,6 @@ class Experiment(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.public_model_id})"
 
-    @classmethod
-    def from_db(cls, db, field_names, values):
-        instance = super().from_db(db, field_names, values)
-        # Remembered so the cache invalidation can also refresh the id it left.
-        if "public_model_id" in field_names:
-            instance._loaded_public_model_id = instance.public_model_id
-        return instance
-
     @property
     def is_routing(self) -> bool:
         return self.status in ROUTING_STATUSES
@@ -196,6 +188,36 @@ class VariantVersion(models.Model):
 
 class ImmutableVersionError(Exception):
     pass
+
+
+#: The primary key of the one ``RoutingState`` row.
+ROUTING_STATE_ID = uuid.UUID(int=1)
+
+
+class RoutingState(models.Model):
+    """The routing generation: the database's word on whether a routing cache is current.
+
+    Bumped in the same transaction as every routing-relevant write (``experiments.signals``),
+    so a cache built from the database after reading it is current exactly while the row
+    still holds that generation. ``token`` changes with every bump because the number alone
+    can repeat (a database restored from a backup, a flushed test database); a fresh random
+    token never does.
+    """
+
+    id = models.UUIDField(primary_key=True, default=ROUTING_STATE_ID, editable=False)
+    generation = models.BigIntegerField(default=0)
+    token = models.UUIDField(default=uuid.uuid4)
+
+    class Meta:
+        db_table = "model_experiment_routing_state"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(id=ROUTING_STATE_ID), name="model_experiment_routing_state_one_row"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"routing generation {self.generation}"
 
 
 class AllocationSubject(models.TextChoices):

@@ -1,40 +1,53 @@
-"""Routing caches in Redis (SPEC §7), writer side and the shared builders.
+"""Routing caches (SPEC §7): the routing generation, the builders, and the Redis format.
 
-Two kinds of keys, both through Django's cache (django-redis in production):
+The database is the authority on freshness. ``RoutingState`` holds a generation that every
+routing-relevant write bumps in its own transaction (see ``signals``). Whatever is cached is
+tagged with the generation read *before* the rows it was built from, so it reflects that
+generation or a later one, and it is current exactly while its tag is still the database's
+generation. A reader that finds another tag (an old Redis snapshot, a write-back that lost a
+race, a leftover of another process) rebuilds from the database and writes back.
 
-* ``MEMBERSHIP_KEY``: ``{"generation": n, "ids": [...]}`` — the public ids with
-  an active or paused experiment. Rewritten from PostgreSQL on every
-  routing-relevant change; ``generation`` grows with every rewrite so gateway
-  workers know to drop their in-process payload copies.
-* ``payload_key(public_id)``: the routing payload of that id (variants in id
-  order with weight, current version id, upstream JSON and the *ciphertext*;
-  never a plaintext key), tagged with the generation it was built under.
-  Deleted on change and rebuilt on demand; a payload whose tag is not the
-  current generation is treated as absent.
+Two kinds of keys, through Django's cache (django-redis in production):
 
-Writes happen in ``transaction.on_commit`` (see ``signals``), so a worker can
-never rebuild from a state that is about to roll back. A Redis failure is
-logged and swallowed: admin and command writes must still succeed, and the
-cache heals on the next change or ``manage.py sync_experiment_cache``.
+* ``MEMBERSHIP_KEY``: ``{"generation": n, "token": t, "ids": [...]}`` — the public ids with
+  an active or paused experiment.
+* ``payload_key(public_id)``: the routing payload of that id (variants in id order with
+  weight, current version id, upstream JSON and the *ciphertext*; never a plaintext key),
+  tagged the same way. ``valid_until`` is the next pending ``effective_at``: a scheduled
+  checkpoint takes over at that moment without any commit, so the payload expires then.
+
+After each commit the writer rewrites membership, so gateway workers take it from Redis
+instead of each querying the database. A Redis failure is logged and swallowed: admin and
+command writes must still succeed, and readers fall back to the database.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import math
+import time
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from django.core.cache import cache
-from django.db.models import OuterRef, Subquery
+from django.db import transaction
+from django.db.models import F, Min, OuterRef, Subquery
 from django.utils import timezone
 
-from experiments.models import ROUTING_STATUSES, Experiment, Variant, VariantVersion
+from experiments.models import (
+    ROUTING_STATE_ID,
+    ROUTING_STATUSES,
+    Experiment,
+    RoutingState,
+    Variant,
+    VariantVersion,
+)
 
 logger = logging.getLogger(__name__)
 
 MEMBERSHIP_KEY = "routing:membership"
-GENERATION_KEY = "routing:generation"
 PAYLOAD_PREFIX = "routing:payload:"
 #: Payloads carry the ciphertext only; they still expire so an orphan never lingers.
 PAYLOAD_TTL_SECONDS = 24 * 3600
@@ -44,7 +57,60 @@ def payload_key(public_model_id: str) -> str:
     return PAYLOAD_PREFIX + public_model_id
 
 
-# --- builders (read PostgreSQL; also used by the gateway on a cache miss) -----
+# --- the generation ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    token: str
+
+
+#: Before the first routing-relevant write (no ``RoutingState`` row yet).
+NO_GENERATION = Generation(0, "")
+
+
+def read_generation() -> Generation:
+    row = (
+        RoutingState.objects.filter(pk=ROUTING_STATE_ID).values_list("generation", "token").first()
+    )
+    return NO_GENERATION if row is None else Generation(row[0], row[1].hex)
+
+
+def bump_generation() -> None:
+    """Move the generation on, inside the caller's transaction: it commits with the change.
+
+    The row lock this takes also orders concurrent routing writes, so no two of them commit
+    under the same generation.
+    """
+    state = RoutingState.objects.filter(pk=ROUTING_STATE_ID)
+    if not state.update(generation=F("generation") + 1, token=uuid.uuid4()):
+        # No row yet (a new or flushed database). Concurrent first writers meet at the
+        # primary key, and get_or_create turns the loser's insert into a read.
+        RoutingState.objects.get_or_create(pk=ROUTING_STATE_ID)
+        state.update(generation=F("generation") + 1, token=uuid.uuid4())
+
+
+def start_new_generation() -> Generation:
+    """Move the generation on by itself: every gateway process reloads routing."""
+    with transaction.atomic():
+        bump_generation()
+        return read_generation()
+
+
+def _tag(generation: Generation) -> dict[str, Any]:
+    return {"generation": generation.number, "token": generation.token}
+
+
+def _tagged_with(value: Any, generation: Generation) -> bool:
+    return (
+        isinstance(value, dict)
+        and value.get("generation") == generation.number
+        and value.get("token") == generation.token
+    )
+
+
+# --- builders (read the database; the gateway calls them after reading the generation) ---
 
 
 def build_membership() -> list[str]:
@@ -85,10 +151,14 @@ def build_payload(public_model_id: str, *, moment=None) -> dict[str, Any] | None
             "id", "upstream", "encrypted_api_key", "key_fingerprint"
         )
     }
+    pending = VariantVersion.objects.filter(
+        variant__experiment=experiment, effective_at__gt=moment
+    ).aggregate(next_effective_at=Min("effective_at"))["next_effective_at"]
     return {
         "experiment_id": str(experiment.id),
         "public_model_id": experiment.public_model_id,
         "status": experiment.status,
+        "valid_until": pending.timestamp() if pending else None,
         "variants": [
             {
                 "id": str(v["id"]),
@@ -110,89 +180,118 @@ def build_payload(public_model_id: str, *, moment=None) -> dict[str, Any] | None
     }
 
 
-# --- writers -----------------------------------------------------------------
+def in_force(payload: dict[str, Any]) -> bool:
+    """Whether no scheduled checkpoint of this payload has taken over yet."""
+    valid_until = payload.get("valid_until")
+    return valid_until is None or time.time() < valid_until
 
 
-def _next_generation() -> int:
-    try:
-        return int(cache.incr(GENERATION_KEY))
-    except ValueError:  # key absent (fresh Redis, flush): start above any clock-free guess
-        generation = int(timezone.now().timestamp() * 1000)
-        cache.set(GENERATION_KEY, generation, timeout=None)
-        return generation
+# --- the Redis format --------------------------------------------------------------------
 
 
-def write_membership(ids: Iterable[str]) -> int:
-    generation = _next_generation()
+def write_membership(ids: list[str], generation: Generation) -> None:
     cache.set(
-        MEMBERSHIP_KEY,
-        json.dumps({"generation": generation, "ids": sorted(set(ids))}),
-        timeout=None,
+        MEMBERSHIP_KEY, json.dumps({**_tag(generation), "ids": sorted(set(ids))}), timeout=None
     )
-    return generation
 
 
 def write_payload(
-    public_model_id: str, payload: dict[str, Any] | None, *, generation: int | str | None = None
+    public_model_id: str, payload: dict[str, Any] | None, generation: Generation
 ) -> None:
-    """Store a payload tagged with the membership generation it was built under.
-
-    Readers accept it only while that generation is current: a worker that rebuilt a
-    payload from the old state and writes it back after an invalidation cannot make
-    other workers route by it (they see the newer generation and rebuild).
-    """
     if payload is None:
         cache.delete(payload_key(public_model_id))
-    else:
-        cache.set(
-            payload_key(public_model_id),
-            json.dumps({**payload, "generation": generation}),
-            timeout=PAYLOAD_TTL_SECONDS,
-        )
+        return
+    timeout = PAYLOAD_TTL_SECONDS
+    if payload["valid_until"] is not None:
+        timeout = max(1, min(timeout, math.ceil(payload["valid_until"] - time.time())))
+    cache.set(payload_key(public_model_id), json.dumps({**payload, **_tag(generation)}), timeout)
 
 
-#: Bound on re-writes when concurrent commits keep changing the set underneath us.
-MEMBERSHIP_WRITE_ATTEMPTS = 3
-
-
-def _write_membership_until_settled() -> None:
-    """Write membership, then re-read the database and write again if it moved.
-
-    Two refreshes can interleave so that the one built *before* the other's
-    commit is written *after* it, leaving a stale set until the next change.
-    Re-reading after our write sees every commit that preceded it, so the last
-    writer to finish always leaves the current set.
-    """
-    current = build_membership()
-    for _ in range(MEMBERSHIP_WRITE_ATTEMPTS):
-        write_membership(current)
-        latest = build_membership()
-        if latest == current:
-            return
-        current = latest
-
-
-def refresh(public_model_ids: Iterable[str]) -> bool:
-    """Invalidate the payloads of these ids and rewrite membership. Never raises."""
-    ids = {pid for pid in public_model_ids if pid}
+def parse_membership(raw: Any, generation: Generation) -> frozenset[str] | None:
+    """The ids in a cached membership value, or None unless it is tagged ``generation``."""
     try:
-        cache.delete_many([payload_key(pid) for pid in ids])
-        _write_membership_until_settled()
+        value = json.loads(raw) if isinstance(raw, (str, bytes)) else None
+    except ValueError:
+        return None
+    if not _tagged_with(value, generation):
+        return None
+    ids = value.get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return None
+    return frozenset(ids)
+
+
+def parse_payload(raw: Any, generation: Generation) -> dict[str, Any] | None:
+    """A cached payload, or None unless it is well formed, tagged ``generation`` and in force."""
+    try:
+        value = json.loads(raw) if isinstance(raw, (str, bytes)) else None
+    except ValueError:
+        return None
+    if not _tagged_with(value, generation) or not valid_payload(value):
+        return None
+    return value if in_force(value) else None
+
+
+def valid_payload(value: Any) -> bool:
+    if not isinstance(value, dict) or not isinstance(value.get("variants"), list):
+        return False
+    if not isinstance(value.get("experiment_id"), str) or "status" not in value:
+        return False
+    valid_until = value.get("valid_until")
+    if valid_until is not None and not isinstance(valid_until, (int, float)):
+        return False
+    return all(isinstance(v, dict) and "id" in v and "weight" in v for v in value["variants"])
+
+
+# --- rebuilding (database → cache) ---------------------------------------------------
+
+
+def rebuild_membership(generation: Generation) -> list[str]:
+    """Membership from the database (read after ``generation``), written back tagged."""
+    ids = build_membership()
+    try:
+        write_membership(ids, generation)
+    except Exception as exc:  # Redis down: the caller routes from the database copy anyway
+        logger.warning("membership write-back failed (%s)", type(exc).__name__)
+    return ids
+
+
+def rebuild_payload(public_model_id: str, generation: Generation) -> dict[str, Any] | None:
+    """A payload from the database (read after ``generation``), written back tagged."""
+    payload = build_payload(public_model_id)
+    try:
+        write_payload(public_model_id, payload, generation)
+    except Exception as exc:
+        logger.warning("payload write-back failed (%s)", type(exc).__name__)
+    return payload
+
+
+def refresh() -> bool:
+    """After a commit: rewrite membership under the current generation. Never raises."""
+    try:
+        generation = read_generation()
+        write_membership(build_membership(), generation)
         return True
     except Exception as exc:  # Redis down: the write that triggered us must still land.
         logger.warning(
-            "routing cache refresh failed (%s); run sync_experiment_cache", type(exc).__name__
+            "routing cache refresh failed (%s); gateway workers rebuild from the database",
+            type(exc).__name__,
         )
         return False
 
 
 def sync_all() -> dict[str, int]:
-    """Rebuild membership and every routing payload from the database."""
+    """Start a new generation and rebuild membership and every payload under it.
+
+    The new generation makes every gateway process drop its copies too, so after this
+    returns they all route by what the database holds (even rows edited by hand).
+    """
+    generation = start_new_generation()
     ids = build_membership()
-    generation = write_membership(ids)
+    write_membership(ids, generation)
     for public_model_id in ids:
-        write_payload(public_model_id, build_payload(public_model_id), generation=generation)
-    return {"public_ids": len(ids), "generation": generation}
+        write_payload(public_model_id, build_payload(public_model_id), generation)
+    return {"public_ids": len(ids), "generation": generation.number}
 
 
 def read_membership_raw() -> str | None:

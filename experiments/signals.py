@@ -1,4 +1,10 @@
-"""Routing cache invalidation, run after the transaction commits (SPEC §7)."""
+"""Routing freshness on every routing-relevant write (SPEC §7).
+
+The generation is bumped inside the writer's transaction, so it commits (or rolls back)
+with the change itself: no gateway process can keep a copy of the old state past its next
+generation check, wherever the change came from. The Redis membership is rewritten after
+the commit, so workers find the new state there instead of each asking the database.
+"""
 
 from __future__ import annotations
 
@@ -10,34 +16,11 @@ from experiments import routing_cache
 from experiments.models import Experiment, Variant, VariantVersion
 
 
-def _refresh_on_commit(*public_model_ids: str | None) -> None:
-    ids = {pid for pid in public_model_ids if pid}
-    transaction.on_commit(lambda: routing_cache.refresh(ids))
-
-
 @receiver(post_save, sender=Experiment)
 @receiver(post_delete, sender=Experiment)
-def experiment_changed(sender, instance: Experiment, **kwargs) -> None:
-    _refresh_on_commit(instance.public_model_id, getattr(instance, "_loaded_public_model_id", None))
-    instance._loaded_public_model_id = instance.public_model_id
-
-
 @receiver(post_save, sender=Variant)
 @receiver(post_delete, sender=Variant)
-def variant_changed(sender, instance: Variant, **kwargs) -> None:
-    public_model_id = (
-        Experiment.objects.filter(pk=instance.experiment_id)
-        .values_list("public_model_id", flat=True)
-        .first()
-    )
-    _refresh_on_commit(public_model_id)
-
-
 @receiver(post_save, sender=VariantVersion)
-def version_changed(sender, instance: VariantVersion, **kwargs) -> None:
-    public_model_id = (
-        Experiment.objects.filter(variants__pk=instance.variant_id)
-        .values_list("public_model_id", flat=True)
-        .first()
-    )
-    _refresh_on_commit(public_model_id)
+def routing_changed(sender, **kwargs) -> None:
+    routing_cache.bump_generation()
+    transaction.on_commit(routing_cache.refresh)

@@ -1,28 +1,36 @@
-"""Routing, reader side (SPEC §7): membership copy, payload copy, picker, key decryption.
+"""Routing, reader side (SPEC §7): membership copy, payload copies, picker, key decryption.
 
-Steady state for a non-experimented id: one dict lookup in the in-process
-membership copy, no network. The copy is refreshed from Redis at most every
-``GATEWAY_MEMBERSHIP_TTL_SECONDS``; on a miss, a corrupt value or a Redis error it is
-rebuilt from PostgreSQL and written back. If neither answers the worker cannot
-classify any id and every model request fails closed with 503: an experimented
-id is never routed as if it were not experimented.
+Freshness comes from the database. Each worker confirms the routing generation
+(``experiments.models.RoutingState``, one primary-key read, on a thread of its own) at
+most every ``GATEWAY_MEMBERSHIP_TTL_SECONDS``, starting ahead of time so that no request
+waits for it in steady state. While the generation holds, the worker routes from its
+in-process copy: a non-experimented id costs one dict lookup and no network. When it moves,
+the worker takes membership and payloads from Redis only if they carry the new generation,
+else rebuilds them from the database and writes them back; data with any other tag (an old
+snapshot, a flush, a lost race, another host's leftovers) is never routed by.
+
+If the database cannot be reached, the worker keeps routing by the last state it confirmed
+(no routing change can commit meanwhile) for up to ``GATEWAY_ROUTING_OUTAGE_GRACE_SECONDS``.
+Past that, or when it never confirmed one, it cannot classify any id and every model
+request fails closed with 503: an experimented id is never routed as if it were not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import itertools
-import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
+from django.db import close_old_connections, connections
 
 from experiments import crypto, routing_cache
 from experiments.models import ExperimentStatus, subject_hash_of_digest
@@ -32,13 +40,20 @@ from gateway.subjects import Subject
 
 logger = logging.getLogger(__name__)
 
-#: After both Redis and PostgreSQL failed, wait this long before trying again,
-#: so an outage does not turn every request into two failing connection attempts.
+T = TypeVar("T")
+
+#: After a failed refresh, wait this long before trying again, so an outage does not
+#: turn every request into a failing connection attempt.
 FAILURE_BACKOFF_SECONDS = 0.25
+#: The longest a request waits for the database to confirm the routing state or load a
+#: payload; past it, the last confirmed state answers (within the outage grace) or 503.
+REFRESH_WAIT_SECONDS = 2.0
+
+_MISSING = object()
 
 
 class RoutingUnavailable(Exception):
-    """Neither Redis nor PostgreSQL could answer."""
+    """The routing state cannot be confirmed with the database, or a payload loaded."""
 
 
 # --- picking (pure) -------------------------------------------------------------
@@ -117,9 +132,17 @@ class Route:
 
 @dataclass(frozen=True)
 class Membership:
-    generation: str
+    """The routing state the database last confirmed to this worker."""
+
+    generation: routing_cache.Generation
     ids: frozenset[str]
-    fetched_at: float
+    #: Monotonic time at which the confirming database read began.
+    verified_at: float
+    #: public id -> payload (None: no experiment routes it), for this generation only,
+    #: so a copy loaded under an older generation can never be used under a newer one.
+    payloads: dict[str, dict[str, Any] | None] = field(default_factory=dict, compare=False)
+    #: public id -> the load in progress, shared by every request waiting for it.
+    loads: dict[str, asyncio.Task] = field(default_factory=dict, compare=False)
 
 
 # --- Redis access without blocking the event loop ---------------------------------
@@ -177,143 +200,201 @@ class RoutingStore:
                 logger.debug("redis client close failed", exc_info=True)
 
 
-def _parse_membership(raw: Any) -> tuple[str, frozenset[str]] | None:
-    try:
-        value = json.loads(raw) if isinstance(raw, (str, bytes)) else None
-        if not isinstance(value, dict):
-            return None
-        generation, ids = value["generation"], value["ids"]
-        if not isinstance(generation, int) or not isinstance(ids, list):
-            return None
-        if not all(isinstance(i, str) for i in ids):
-            return None
-        return str(generation), frozenset(ids)
-    except (KeyError, TypeError, ValueError):
-        return None
+class RoutingDatabase:
+    """Runs the reader's database work on one thread of its own.
+
+    Why its own: the generation check runs every interval in the background, and a slow or
+    unreachable database must hold up nothing else (token lookups run on request threads);
+    one long-lived thread also keeps one persistent connection instead of one per request.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routing-db")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, _on_a_usable_connection, function, *args)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the thread's database connection and stop the thread (shutdown, tests).
+
+        Waits at most ``timeout`` for a query in progress (a hung database) to end first.
+        """
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            with contextlib.suppress(Exception):
+                executor.submit(connections.close_all).result(timeout=timeout)
+            executor.shutdown(wait=False)
 
 
-def _valid_payload(value: Any) -> bool:
-    if not isinstance(value, dict) or not isinstance(value.get("variants"), list):
-        return False
-    if not isinstance(value.get("experiment_id"), str) or "status" not in value:
-        return False
-    return all(isinstance(v, dict) and "id" in v and "weight" in v for v in value["variants"])
+def _on_a_usable_connection(function: Callable[..., T], *args: Any) -> T:
+    # What Django does at the start of each request: drop a connection that broke (a
+    # database failover) or aged out, so this query opens a new one.
+    close_old_connections()
+    return function(*args)
 
 
-_local_generations = itertools.count(1)
-
-
-def _membership_from_database() -> tuple[str, frozenset[str]]:
-    ids = routing_cache.build_membership()
-    try:
-        generation = str(routing_cache.write_membership(ids))
-    except Exception as exc:  # Redis down: serve from the database copy anyway
-        logger.warning("membership write-back failed (%s)", type(exc).__name__)
-        generation = f"local-{next(_local_generations)}"
-    return generation, frozenset(ids)
-
-
-def _payload_from_database(public_model_id: str, generation: str) -> dict[str, Any] | None:
-    """Build from PostgreSQL (read after ``generation`` was learned) and write back tagged."""
-    payload = routing_cache.build_payload(public_model_id)
-    try:
-        routing_cache.write_payload(
-            public_model_id, payload, generation=int(generation) if generation.isdigit() else None
-        )
-    except Exception as exc:
-        logger.warning("payload write-back failed (%s)", type(exc).__name__)
-    return payload
+#: The database work of every router in this process.
+routing_database = RoutingDatabase()
 
 
 class Router:
-    def __init__(self, store: RoutingStore | None = None) -> None:
+    def __init__(
+        self, store: RoutingStore | None = None, database: RoutingDatabase | None = None
+    ) -> None:
         self.store = store or RoutingStore()
+        self.database = database or routing_database
         self._membership: Membership | None = None
+        self._refresh: asyncio.Task | None = None
+        self._refresh_started = 0.0
+        #: When the last refresh failed (None: the last one succeeded), for the backoff.
         self._failed_at: float | None = None
-        self._locks: dict[int, asyncio.Lock] = {}
-        #: public id -> (generation, payload or None)
-        self._payloads: dict[str, tuple[str, dict[str, Any] | None]] = {}
         #: version id -> plaintext partner key (process memory only; never Redis, never logged)
         self._keys: dict[str, str] = {}
         #: Key fingerprints already logged as undecryptable: one line each, not one per request.
         self._undecryptable_fingerprints: set[str] = set()
 
-    def reset(self) -> None:
-        self._membership = None
-        self._failed_at = None
-        self._payloads.clear()
-        self._keys.clear()
-        self._undecryptable_fingerprints.clear()
+    async def aclose(self) -> None:
+        await self.store.aclose()
+        await asyncio.to_thread(self.database.close)
 
-    def _lock(self) -> asyncio.Lock:
-        loop_id = id(asyncio.get_running_loop())
-        lock = self._locks.get(loop_id)
-        if lock is None:
-            lock = self._locks[loop_id] = asyncio.Lock()
-        return lock
+    # --- membership: the routing state the database last confirmed ---------------------
 
-    def _fresh(self, now: float) -> Membership | None:
+    async def membership(self) -> Membership:
         current = self._membership
-        ttl = settings.GATEWAY_MEMBERSHIP_TTL_SECONDS
-        if current is not None and now - current.fetched_at < ttl:
+        if current is not None:
+            age = time.monotonic() - current.verified_at
+            interval = settings.GATEWAY_MEMBERSHIP_TTL_SECONDS
+            if age < interval:
+                if age >= interval / 2:
+                    # Confirm ahead of time, so no request waits for it in steady state.
+                    self._start_refresh()
+                return current
+        return await self._membership_after_refresh()
+
+    def _start_refresh(self) -> asyncio.Task | None:
+        task = self._refresh
+        if task is not None and not task.done():
+            return task
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < FAILURE_BACKOFF_SECONDS:
+            return None
+        self._refresh_started = now
+        self._refresh = asyncio.get_running_loop().create_task(self._refreshed(now))
+        return self._refresh
+
+    async def _membership_after_refresh(self) -> Membership:
+        task = self._start_refresh()
+        # Wait for the database (never longer than REFRESH_WAIT_SECONDS) unless a known
+        # outage is under way and the last confirmed copy is still within its grace.
+        if task is not None and (self._failed_at is None or self._usable() is None):
+            remaining = self._refresh_started + REFRESH_WAIT_SECONDS - time.monotonic()
+            if remaining > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), remaining)
+        usable = self._usable()
+        if usable is None:
+            raise RoutingUnavailable()
+        return usable
+
+    def _usable(self) -> Membership | None:
+        """The copy, while it may still answer: fresh, or within the outage grace."""
+        current = self._membership
+        usable_for = max(
+            settings.GATEWAY_MEMBERSHIP_TTL_SECONDS, settings.GATEWAY_ROUTING_OUTAGE_GRACE_SECONDS
+        )
+        if current is not None and time.monotonic() - current.verified_at < usable_for:
             return current
         return None
 
-    async def membership(self) -> Membership:
-        current = self._fresh(time.monotonic())
-        if current is not None:
-            return current
-        async with self._lock():
-            now = time.monotonic()
-            current = self._fresh(now)
-            if current is not None:
-                return current
-            if self._failed_at is not None and now - self._failed_at < FAILURE_BACKOFF_SECONDS:
-                raise RoutingUnavailable()
-            parsed = None
-            try:
-                parsed = _parse_membership(await self.store.get(routing_cache.MEMBERSHIP_KEY))
-            except Exception as exc:
-                logger.warning("membership read from cache failed (%s)", type(exc).__name__)
-            if parsed is None:
-                try:
-                    parsed = await sync_to_async(_membership_from_database)()
-                except Exception as exc:
-                    logger.error("membership rebuild from database failed (%s)", type(exc).__name__)
-                    self._membership = None
-                    self._failed_at = time.monotonic()
-                    raise RoutingUnavailable() from None
-            generation, ids = parsed
-            if self._membership is None or self._membership.generation != generation:
-                self._payloads.clear()
-            self._membership = Membership(generation, ids, time.monotonic())
-            self._failed_at = None
-            return self._membership
-
-    async def payload(self, public_model_id: str, generation: str) -> dict[str, Any] | None:
-        cached = self._payloads.get(public_model_id)
-        if cached is not None and cached[0] == generation:
-            return cached[1]
-        payload: Any = None
-        found = False
+    async def _refreshed(self, started: float) -> None:
+        """Confirm the generation with the database; on a change, load the new state."""
         try:
-            raw = await self.store.get(routing_cache.payload_key(public_model_id))
-            if raw is not None:
-                payload = json.loads(raw)
-                # Built under another generation: possibly from a state since changed.
-                found = _valid_payload(payload) and str(payload.get("generation")) == generation
+            generation = await self.database.run(routing_cache.read_generation)
         except Exception as exc:
-            logger.warning("payload read from cache failed (%s)", type(exc).__name__)
-        if not found:
+            self._refresh_failed(exc)
+            return
+        current = self._membership
+        if current is not None and current.generation == generation:
+            self._membership = replace(current, verified_at=started)
+        else:
             try:
-                payload = await sync_to_async(_payload_from_database)(public_model_id, generation)
+                ids = await self._membership_ids(generation)
             except Exception as exc:
-                logger.error("payload rebuild from database failed (%s)", type(exc).__name__)
-                raise RoutingUnavailable() from None
-            if payload is not None and not _valid_payload(payload):
-                raise RoutingUnavailable()
-        self._payloads[public_model_id] = (generation, payload)
-        return payload
+                # The database moved on but its new state cannot be loaded: the copy is
+                # known to be stale, so no grace for it.
+                self._membership = None
+                self._refresh_failed(exc)
+                return
+            self._membership = Membership(generation, ids, started)
+        if self._failed_at is not None:
+            logger.warning("routing confirmed with the database again")
+            self._failed_at = None
+
+    def _refresh_failed(self, exc: Exception) -> None:
+        if self._failed_at is None:
+            logger.error(
+                "routing cannot be confirmed with the database (%s); routing by the last "
+                "confirmed state for up to %s s, then failing closed",
+                type(exc).__name__,
+                settings.GATEWAY_ROUTING_OUTAGE_GRACE_SECONDS,
+            )
+        self._failed_at = time.monotonic()
+
+    async def _membership_ids(self, generation: routing_cache.Generation) -> frozenset[str]:
+        try:
+            raw = await self.store.get(routing_cache.MEMBERSHIP_KEY)
+            ids = routing_cache.parse_membership(raw, generation)
+            if ids is not None:
+                return ids
+        except Exception as exc:
+            logger.warning("membership read from cache failed (%s)", type(exc).__name__)
+        return frozenset(await self.database.run(routing_cache.rebuild_membership, generation))
+
+    # --- payloads: per public id, for the membership's generation only ----------------
+
+    async def payload(self, public_model_id: str, membership: Membership) -> dict[str, Any] | None:
+        cached = membership.payloads.get(public_model_id, _MISSING)
+        if cached is None or (cached is not _MISSING and routing_cache.in_force(cached)):
+            return cached
+        # One load per id and generation, however many requests are waiting for it.
+        load = membership.loads.get(public_model_id)
+        if load is None or load.done():
+            load = asyncio.get_running_loop().create_task(
+                self._loaded_payload(public_model_id, membership)
+            )
+            membership.loads[public_model_id] = load
+        try:
+            return await asyncio.wait_for(asyncio.shield(load), REFRESH_WAIT_SECONDS)
+        except TimeoutError:  # a hung database: fail closed rather than hold the request
+            raise RoutingUnavailable() from None
+
+    async def _loaded_payload(
+        self, public_model_id: str, membership: Membership
+    ) -> dict[str, Any] | None:
+        try:
+            payload = None
+            try:
+                raw = await self.store.get(routing_cache.payload_key(public_model_id))
+                payload = routing_cache.parse_payload(raw, membership.generation)
+            except Exception as exc:
+                logger.warning("payload read from cache failed (%s)", type(exc).__name__)
+            if payload is None:
+                try:
+                    payload = await self.database.run(
+                        routing_cache.rebuild_payload, public_model_id, membership.generation
+                    )
+                except Exception as exc:
+                    logger.error("payload rebuild from database failed (%s)", type(exc).__name__)
+                    raise RoutingUnavailable() from None
+                if payload is not None and not routing_cache.valid_payload(payload):
+                    raise RoutingUnavailable()
+            membership.payloads[public_model_id] = payload
+            return payload
+        finally:
+            membership.loads.pop(public_model_id, None)
 
     def _partner_key(self, variant: dict[str, Any]) -> str:
         version_id = variant.get("version_id")
@@ -361,7 +442,7 @@ class Router:
             membership = await self.membership()
             payload = None
             if public_model_id in membership.ids:
-                payload = await self.payload(public_model_id, membership.generation)
+                payload = await self.payload(public_model_id, membership)
         except RoutingUnavailable:
             raise routing_unavailable() from None
         if payload is None or payload["status"] not in (
@@ -408,7 +489,7 @@ class Router:
         membership = await self.membership()
         ids = []
         for public_model_id in sorted(membership.ids):
-            payload = await self.payload(public_model_id, membership.generation)
+            payload = await self.payload(public_model_id, membership)
             if payload is not None and payload["status"] == ExperimentStatus.ACTIVE:
                 ids.append(public_model_id)
         return ids

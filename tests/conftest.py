@@ -33,15 +33,18 @@ def _clean_cache():
 @pytest.fixture(autouse=True)
 def _release_background_connections():
     """Leave no background thread holding a DB connection (it would block dropping the
-    test database): the in-process usage writer, and asgiref's shared thread that runs
-    sync_to_async code (async ORM, routing rebuilds) for tests driving async code."""
+    test database): the in-process usage writer, the routing reader's database thread, and
+    asgiref's shared thread that runs sync_to_async code (async ORM) for tests driving
+    async code."""
     yield
     from asgiref.sync import sync_to_async
     from django.db import connections
 
+    from gateway.routing import routing_database
     from gateway.usage import writer
 
     writer.stop(timeout=30)
+    routing_database.close()
     asyncio.run(sync_to_async(connections.close_all)())
 
 

@@ -29,11 +29,18 @@ STARTUP_SECONDS = 10.0
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0), as a vanished host's kernel would answer."""
+    """Close with RST (SO_LINGER 0), as a vanished host's kernel would answer.
+
+    ``shutdown()`` first: it wakes a pump thread blocked in ``recv()`` on this socket.
+    Without it ``close()`` only drops the descriptor while that call keeps the connection
+    alive, so an idle connection (a pooled database connection) would never be severed.
+    """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     # close() alone does not end a connection while a pump thread is blocked in recv() on
     # it (the call keeps the socket alive): shutdown() wakes that thread first.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
@@ -85,6 +92,9 @@ class TcpProxy:
     def close(self) -> None:
         self._closed.set()
         self.cut()
+        # shutdown() wakes the accept() in progress, which close() alone would not.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._listener.close()
         self._thread.join(timeout=5)

@@ -49,6 +49,7 @@ def test_database_url(address: tuple[str, int] | None = None) -> str:
 
 class GatewayServer:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.base_url = self.base + "/v1"
@@ -127,8 +128,8 @@ def server_env(tmp_dir: Path, **overrides: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def gateway_factory(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Callable]:
-    """Start (once per distinct environment) a gateway server; returns it."""
+def gateway_servers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Callable]:
+    """Start (once per distinct environment and session) a gateway server; returns it."""
     servers: dict[tuple, GatewayServer] = {}
     tmp_dir = tmp_path_factory.mktemp("gateway")
 
@@ -142,6 +143,44 @@ def gateway_factory(django_db_setup, django_db_blocker, tmp_path_factory) -> Ite
 
     yield start
     for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def gateway_factory(gateway_servers, transactional_db) -> Iterator[Callable]:
+    """``gateway_factory(**env_overrides)``: the session's server for that environment.
+
+    When the test ends, waits until the rows of its requests have landed: a server's writer
+    still inserting while the test's tables are flushed deadlocks the flush.
+    """
+    used: list[GatewayServer] = []
+
+    def start(**overrides: str) -> GatewayServer:
+        server = gateway_servers(**overrides)
+        used.append(server)
+        return server
+
+    yield start
+    if used:
+        wait_for_quiet_rows()
+
+
+@pytest.fixture
+def gateway_process(transactional_db, tmp_path) -> Iterator[Callable[..., GatewayServer]]:
+    """``gateway_process(**env_overrides)`` starts a gateway of this test's own, a new process
+    on every call (two calls with the same environment are two processes behind one database,
+    as on two hosts). All are stopped when the test ends, before its rows are flushed, so a
+    record still pending in one can never land in the next test."""
+    servers: list[GatewayServer] = []
+
+    def start(**overrides: str) -> GatewayServer:
+        env = server_env(tmp_path, **overrides)
+        server = GatewayServer(env, tmp_path / f"gateway-{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
         server.stop()
 
 
@@ -163,21 +202,43 @@ def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, interva
         time.sleep(interval)
 
 
-def wait_for_rows(usage: int, attribution: int | None = None, *, timeout: float = 20.0) -> None:
-    """Wait until the server's writer has landed at least these many rows, then check exact."""
+def _row_counts() -> tuple[int, int]:
     # Imported here: this module is a pytest plugin, loaded before Django is set up.
     from experiments.models import ExperimentRequest
     from gateway.models import GatewayUsage
 
-    def counts() -> tuple[int, int]:
-        return GatewayUsage.objects.count(), ExperimentRequest.objects.count()
+    return GatewayUsage.objects.count(), ExperimentRequest.objects.count()
 
-    wait_until(
-        lambda: counts()[0] >= usage and (attribution is None or counts()[1] >= attribution),
-        timeout=timeout,
-    )
+
+#: Longer than the usage writer's batch linger (0.1 s): no row landed for this long means
+#: none is on its way.
+QUIET_SECONDS = 0.3
+
+
+def wait_for_quiet_rows(*, timeout: float = 20.0) -> None:
+    """Wait until no usage or attribution row has landed for ``QUIET_SECONDS``."""
+    last = (_row_counts(), time.monotonic())
+
+    def quiet() -> bool:
+        nonlocal last
+        counts = _row_counts()
+        if counts != last[0]:
+            last = (counts, time.monotonic())
+        return time.monotonic() - last[1] >= QUIET_SECONDS
+
+    wait_until(quiet, timeout=timeout)
+
+
+def wait_for_rows(usage: int, attribution: int | None = None, *, timeout: float = 20.0) -> None:
+    """Wait until the server's writer has landed at least these many rows, then check exact."""
+
+    def landed() -> bool:
+        usage_rows, attribution_rows = _row_counts()
+        return usage_rows >= usage and (attribution is None or attribution_rows >= attribution)
+
+    wait_until(landed, timeout=timeout)
     time.sleep(0.2)  # anything extra would land by now; the exact check below catches it
-    got = counts()
+    got = _row_counts()
     assert got[0] == usage, got
     if attribution is not None:
         assert got[1] == attribution, got

@@ -841,6 +841,12 @@ def test_generated_key_is_usable_for_encryption():
 # --- sync_experiment_cache ----------------------------------------------------------------
 
 
+requires_redis = pytest.mark.skipif(
+    not settings.REDIS_URL, reason="needs a shared cache (REDIS_URL) to rebuild"
+)
+
+
+@requires_redis
 def test_sync_rebuilds_membership_and_payloads_after_a_flush():
     from django.core.cache import cache
 
@@ -856,15 +862,34 @@ def test_sync_rebuilds_membership_and_payloads_after_a_flush():
     assert membership["ids"] == sorted([active.public_model_id, paused.public_model_id])
     payload = json.loads(cache.get(routing_cache.payload_key(active.public_model_id)))
     assert payload["experiment_id"] == str(active.pk)
+    assert payload["token"] == membership["token"] == routing_cache.read_generation().token
     assert "2 public id(s)" in out and str(membership["generation"]) in out
 
 
+@requires_redis
 def test_sync_json_reports_count_and_generation():
     make_experiment(status=ExperimentStatus.ACTIVE)
     out, _ = run("--json", command="sync_experiment_cache")
     payload = json.loads(out)
-    assert payload["public_ids"] == 1
+    assert (payload["public_ids"], payload["shared_cache"]) == (1, True)
     assert payload["generation"] == json.loads(routing_cache.read_membership_raw())["generation"]
+
+
+def test_sync_without_redis_says_there_is_no_shared_cache_and_moves_the_generation(settings):
+    settings.REDIS_URL = ""
+    before = routing_cache.read_generation()
+    out, _ = run(command="sync_experiment_cache")
+    after = routing_cache.read_generation()
+    assert after.number == before.number + 1
+    assert out.startswith("No shared routing cache to rebuild: REDIS_URL is unset")
+    assert f"Routing generation moved to {after.number}" in out
+    assert "every gateway process reloads routing from the database within 1 s" in out
+    json_out, _ = run("--json", command="sync_experiment_cache")
+    assert json.loads(json_out) == {
+        "ok": True,
+        "shared_cache": False,
+        "generation": after.number + 1,
+    }
 
 
 def _closed_port() -> int:
@@ -882,7 +907,10 @@ def test_sync_with_unreachable_redis_exits_non_zero_with_a_clear_message():
             "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5},
         }
     }
-    with override_settings(CACHES=unreachable), pytest.raises(CommandError) as excinfo:
+    with (
+        override_settings(CACHES=unreachable, REDIS_URL=unreachable["default"]["LOCATION"]),
+        pytest.raises(CommandError) as excinfo,
+    ):
         run(command="sync_experiment_cache")
     assert excinfo.value.returncode == 1
     assert "Cannot reach the cache (Redis)" in str(excinfo.value)
@@ -947,6 +975,18 @@ def test_process_rejects_a_key_given_as_an_argument_without_echoing_it(canary_ke
     assert "unrecognized arguments: --api-key" in result.stderr
     assert canary_key not in result.stdout + result.stderr
     assert db_state() == before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_process_sync_with_unreachable_database_exits_1_with_one_line_reason():
+    env = _subprocess_env()
+    env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:{_closed_port()}/nowhere"
+    result = manage("sync_experiment_cache", env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "CommandError: Cannot reach the database (OperationalError); nothing was changed. "
+        "Check DATABASE_URL and that the database is running."
+    ]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
+import time
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
 from experiments import routing_cache, services
-from experiments.models import ExperimentStatus
+from experiments.models import ExperimentStatus, Variant
 from gateway.errors import GatewayError
-from gateway.routing import Router, RoutingStore
+from gateway.routing import Router, RoutingStore, routing_database
 from gateway.subjects import Subject
-from tests.factories import make_experiment
+from tests.factories import VariantVersionFactory, make_experiment, upstream_config
+from tests.gateway_server import wait_until
+from tests.gateway_support import expected_variant_id
 
 MACHINE = Subject("machine", "m-1")
 
@@ -146,21 +151,72 @@ def test_payload_in_cache_never_holds_a_plaintext_key(active, canary_key):
 
 def test_stale_payload_written_back_after_an_invalidation_is_not_routed_by(active):
     """A worker that rebuilt from the old state and writes back late cannot pin it."""
-    routing_cache.sync_all()
-    generation = json.loads(routing_cache.read_membership_raw())["generation"]
+    generation = routing_cache.read_generation()
     stale = routing_cache.build_payload(active.public_model_id)  # read before the swap
     variant = active.variants.order_by("id").first()
     swapped = services.hot_swap(
         variant=variant, upstream={"internal_id": "rc-new", "base_url": "http://127.0.0.1:9/v1"}
-    )  # commits: payload deleted, generation bumped
-    routing_cache.write_payload(active.public_model_id, stale, generation=generation)
+    )  # commits: the generation moves on
+    routing_cache.write_payload(active.public_model_id, stale, generation)
 
     router = Router()
-    payload = asyncio.run(
-        router.payload(
-            active.public_model_id,
-            str(json.loads(routing_cache.read_membership_raw())["generation"]),
-        )
-    )
+    membership = asyncio.run(router.membership())
+    payload = asyncio.run(router.payload(active.public_model_id, membership))
     served = {slot["id"]: slot["version_id"] for slot in payload["variants"]}
     assert served[str(variant.pk)] == str(swapped.pk)
+
+
+def test_membership_of_an_older_generation_in_the_cache_is_not_routed_by(active):
+    """As after Redis comes back from a snapshot taken before the activation."""
+    older = routing_cache.Generation(routing_cache.read_generation().number - 1, "old-token")
+    routing_cache.write_membership([], older)
+    assert _resolve(Router(), active.public_model_id).is_experimented
+
+
+def test_a_scheduled_checkpoint_takes_over_at_its_effective_at_without_a_commit(active):
+    slot = Variant.objects.get(pk=expected_variant_id(active, MACHINE.kind, MACHINE.value))
+    takes_over = timezone.now() + timedelta(seconds=1)
+    VariantVersionFactory(
+        variant=slot, effective_at=takes_over, upstream=upstream_config("scheduled-rc")
+    )
+    router = Router()
+    assert _resolve(router, active.public_model_id).internal_id != "scheduled-rc"
+
+    wait_until(
+        lambda: _resolve(router, active.public_model_id).internal_id == "scheduled-rc", timeout=3
+    )
+    assert timezone.now() >= takes_over
+
+
+class CountingDatabase:
+    """The process's routing database thread, recording which reads it was asked for."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    async def run(self, function, *args):
+        self.calls.append(function.__name__)
+        return await routing_database.run(function, *args)
+
+
+def test_in_steady_state_a_worker_only_confirms_the_generation_once_per_interval(active, settings):
+    settings.GATEWAY_MEMBERSHIP_TTL_SECONDS = 0.4
+    store, database = CountingStore(), CountingDatabase()
+    router = Router(store, database)
+    _resolve(router, active.public_model_id)
+    cache_reads, database_calls = store.reads, len(database.calls)
+
+    async def traffic(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await router.resolve(active.public_model_id, lambda: MACHINE)
+            with contextlib.suppress(GatewayError):  # 404: no default upstream here
+                await router.resolve("kilo/not-experimented", lambda: MACHINE)
+            await asyncio.sleep(0.005)
+
+    asyncio.run(traffic(1.2))
+    confirmations = database.calls[database_calls:]
+    assert store.reads == cache_reads
+    assert set(confirmations) == {"read_generation"}
+    # Confirmed ahead of time, at half the interval: 2–3 reads in 1.2 s, never one a request.
+    assert 2 <= len(confirmations) <= 1.2 / 0.2 + 1

@@ -10,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
+from datetime import timedelta
 
 import pytest
 from django.core.cache import cache, caches
 from django.db import transaction
 from django.test import override_settings
+from django.utils import timezone
 
 from experiments import crypto, routing_cache, selectors, services
 from experiments.models import ExperimentStatus, VariantVersion
-from tests.factories import make_experiment, upstream_config
+from tests.factories import VariantVersionFactory, make_experiment, upstream_config
 
 S = ExperimentStatus
 CLOSED_PORT_CACHE = {
@@ -54,6 +57,11 @@ def _ids() -> list[str]:
 def _cached_payload(public_model_id: str) -> dict | None:
     raw = cache.get(routing_cache.payload_key(public_model_id))
     return json.loads(raw) if raw is not None else None
+
+
+def _parsed_payload(public_model_id: str, generation) -> dict | None:
+    raw = cache.get(routing_cache.payload_key(public_model_id))
+    return routing_cache.parse_payload(raw, generation)
 
 
 def _every_cached_value() -> list[bytes]:
@@ -119,10 +127,10 @@ def test_completed_experiment_with_a_replacement_keeps_the_public_id(committed):
 
 
 @pytest.mark.django_db
-def test_generation_increases_on_every_rewrite(committed):
+def test_every_routing_write_moves_the_database_generation_and_retags_membership(committed):
     experiment = make_experiment()
     variant = experiment.variants.first()
-    generations = []
+    generations = [routing_cache.read_generation()]
     for service, kwargs in [
         (services.activate, {"experiment": experiment}),
         (services.hot_swap, {"variant": variant, "upstream": upstream_config()}),
@@ -132,15 +140,28 @@ def test_generation_increases_on_every_rewrite(committed):
         (services.complete, {"experiment": experiment}),
     ]:
         committed(service, **kwargs)
-        generations.append(_membership()["generation"])
-    generations.append(routing_cache.sync_all()["generation"])
-    assert generations == sorted(set(generations))
-    assert _membership()["generation"] == generations[-1]
+        generation = routing_cache.read_generation()
+        assert (_membership()["generation"], _membership()["token"]) == (
+            generation.number,
+            generation.token,
+        )
+        generations.append(generation)
+    numbers = [generation.number for generation in generations]
+    assert numbers == sorted(set(numbers))
+    assert len({generation.token for generation in generations}) == len(generations)
 
 
 @pytest.mark.django_db
-def test_a_rolled_back_write_leaves_the_cache_alone(committed):
+def test_sync_all_moves_the_generation_too():
+    before = routing_cache.read_generation()
+    summary = routing_cache.sync_all()
+    assert summary["generation"] == routing_cache.read_generation().number > before.number
+
+
+@pytest.mark.django_db
+def test_a_rolled_back_write_leaves_the_generation_and_the_cache_alone(committed):
     experiment = make_experiment()
+    before = routing_cache.read_generation()
 
     def activate_then_fail(**kwargs):
         with transaction.atomic():
@@ -149,28 +170,64 @@ def test_a_rolled_back_write_leaves_the_cache_alone(committed):
 
     with pytest.raises(RuntimeError):
         committed(activate_then_fail, experiment=experiment)
+    assert routing_cache.read_generation() == before
     assert routing_cache.read_membership_raw() is None
+
+
+@pytest.mark.django_db
+def test_membership_written_under_an_older_generation_is_not_current(committed):
+    # A write-back that lost a race with a commit, or a Redis restored from a snapshot.
+    experiment = make_experiment()
+    stale_generation = routing_cache.read_generation()
+    committed(services.activate, experiment=experiment)
+    routing_cache.write_membership([], stale_generation)
+
+    raw = routing_cache.read_membership_raw()
+    assert routing_cache.parse_membership(raw, stale_generation) == frozenset()
+    assert routing_cache.parse_membership(raw, routing_cache.read_generation()) is None
 
 
 # --- payloads --------------------------------------------------------------------------
 
 
 @pytest.mark.django_db
-def test_hot_swap_invalidates_the_payload_and_the_rebuild_serves_the_new_version(committed):
+def test_after_a_hot_swap_the_cached_payload_is_stale_and_the_rebuild_serves_the_new_version(
+    committed,
+):
     experiment = make_experiment(status=S.ACTIVE)
     variant = experiment.variants.order_by("id").first()
     routing_cache.sync_all()
-    assert _cached_payload(experiment.public_model_id) is not None
+    cached = routing_cache.read_generation()
+    assert _parsed_payload(experiment.public_model_id, cached) is not None
 
     version = committed(
         services.hot_swap, variant=variant, upstream=upstream_config(internal_id="rc-2")
     )
-    assert _cached_payload(experiment.public_model_id) is None
+    current = routing_cache.read_generation()
+    assert _parsed_payload(experiment.public_model_id, current) is None
 
-    routing_cache.sync_all()
-    slot = _cached_payload(experiment.public_model_id)["variants"][0]
+    routing_cache.rebuild_payload(experiment.public_model_id, current)
+    slot = _parsed_payload(experiment.public_model_id, current)["variants"][0]
     assert (slot["id"], slot["version_id"]) == (str(variant.pk), str(version.pk))
     assert slot["upstream"]["internal_id"] == "rc-2"
+
+
+@pytest.mark.django_db
+def test_a_payload_expires_when_a_scheduled_checkpoint_takes_over():
+    experiment = make_experiment(status=S.ACTIVE)
+    variant = experiment.variants.order_by("id").first()
+    takes_over = timezone.now() + timedelta(minutes=5)
+    VariantVersionFactory(variant=variant, effective_at=takes_over)
+    VariantVersionFactory(variant=variant, effective_at=takes_over + timedelta(hours=1))
+
+    payload = routing_cache.build_payload(experiment.public_model_id)
+    assert payload["valid_until"] == takes_over.timestamp()
+    assert routing_cache.in_force(payload)
+    after = routing_cache.build_payload(
+        experiment.public_model_id, moment=takes_over + timedelta(seconds=1)
+    )
+    assert after["valid_until"] == (takes_over + timedelta(hours=1)).timestamp()
+    assert not routing_cache.in_force({**payload, "valid_until": time.time() - 1})
 
 
 @pytest.mark.django_db
@@ -192,19 +249,21 @@ def test_sync_all_rebuilds_membership_and_payloads_from_the_database():
 
 
 @pytest.mark.django_db
-def test_public_id_change_in_draft_invalidates_both_ids(committed):
+def test_public_id_change_in_draft_makes_payloads_of_both_ids_stale(committed):
     experiment = make_experiment(public_model_id="kilo/preview-old")
-    routing_cache.write_membership([])
-    generation = _membership()["generation"]
-    for stale in ("kilo/preview-old", "kilo/preview-new"):
-        routing_cache.write_payload(stale, {"stale": True})
+    generation = routing_cache.read_generation()
+    stale = {"experiment_id": str(experiment.pk), "status": S.ACTIVE, "valid_until": None}
+    for public_model_id in ("kilo/preview-old", "kilo/preview-new"):
+        routing_cache.write_payload(public_model_id, {**stale, "variants": []}, generation)
+        assert _parsed_payload(public_model_id, generation) is not None
 
     committed(services.update_experiment, experiment=experiment, public_model_id="kilo/preview-new")
 
-    assert _cached_payload("kilo/preview-old") is None
-    assert _cached_payload("kilo/preview-new") is None
-    assert _membership() == {"generation": _membership()["generation"], "ids": []}
-    assert _membership()["generation"] > generation
+    current = routing_cache.read_generation()
+    assert current != generation
+    assert _parsed_payload("kilo/preview-old", current) is None
+    assert _parsed_payload("kilo/preview-new", current) is None
+    assert _membership() == {"generation": current.number, "token": current.token, "ids": []}
 
 
 @pytest.mark.django_db
@@ -297,23 +356,3 @@ def test_cache_heals_on_the_next_change_after_an_outage(committed, redis_down):
     committed(services.activate, experiment=later)
 
     assert _ids() == sorted([missed.public_model_id, later.public_model_id])
-
-
-@pytest.mark.django_db
-def test_membership_built_before_a_concurrent_commit_is_corrected_after_writing(
-    committed, monkeypatch
-):
-    # Simulates a refresh that read the database before another commit landed
-    # and wrote its set after that commit's own refresh.
-    experiment = make_experiment()
-    real_build = routing_cache.build_membership
-    stale_views = [[]]
-    monkeypatch.setattr(
-        routing_cache,
-        "build_membership",
-        lambda: stale_views.pop() if stale_views else real_build(),
-    )
-
-    committed(services.activate, experiment=experiment)
-
-    assert _ids() == [experiment.public_model_id]
