@@ -12,7 +12,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('experiments', '0004_version_key_fingerprint'),
+        ('experiments', '0005_routing_state'),
         ('gateway', '0001_initial'),
     ]
 

@@ -35,7 +35,7 @@ def _definitions(cursor, table):
     indexes = [row[0] for row in cursor.fetchall()]
     cursor.execute(
         "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-        "WHERE conrelid = %s::regclass AND contype = 'f'",
+        "WHERE conrelid = %s::regclass AND contype = 'f' AND conparentid = 0",
         [table],
     )
     foreign_keys = cursor.fetchall()
