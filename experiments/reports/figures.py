@@ -155,7 +155,7 @@ def fill_figures(by_version: dict[uuid.UUID, CheckpointStats], filters: ReportFi
     ):
         if row["count"]:
             by_version[row["variant_version_id"]].errors_by_kind[row["error_kind"]] = row["count"]
-    _fill_percentiles(by_version, window)
+    _fill_percentiles(by_version, filters.histogram_q() & Q(variant_version_id__in=ids))
 
 
 _PERCENTILE_FIELDS = {

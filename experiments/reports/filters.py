@@ -40,6 +40,7 @@ def parse_moment(raw: str, *, name: str) -> datetime:
 
 
 _MINUTE = int(RollupResolution.MINUTE)
+_HOUR = int(RollupResolution.HOUR)
 #: Coarsest first: a window takes whole days, then whole hours, then minutes.
 _LEVELS = (int(RollupResolution.DAY), int(RollupResolution.HOUR), _MINUTE)
 
@@ -105,16 +106,29 @@ class ReportFilters:
         if self.since and self.until and self.since > self.until:
             raise ReportInputError("'since' must not be after 'until'.")
 
-    def aligned(self) -> ReportFilters:
-        """The window moved out to whole minutes (the rollups' finest bucket)."""
+    def aligned(self, size: int = _MINUTE) -> ReportFilters:
+        """The window moved out to whole buckets of ``size`` seconds (default minutes,
+        the rollups' finest bucket)."""
         since, until = self.since, self.until
         if since is not None:
-            since = datetime.fromtimestamp(_floor(int(since.timestamp() // 1), _MINUTE), tz=UTC)
+            since = datetime.fromtimestamp(_floor(int(since.timestamp() // 1), size), tz=UTC)
         if until is not None:
             exact = until.timestamp()
-            until = datetime.fromtimestamp(_ceil(int(-(-exact // 1)), _MINUTE), tz=UTC)
+            until = datetime.fromtimestamp(_ceil(int(-(-exact // 1)), size), tz=UTC)
         widened = self.widened or since != self.since or until != self.until
         return replace(self, since=since, until=until, widened=widened)
+
+    def histogram_window(self) -> ReportFilters:
+        """The window percentiles cover: moved out to whole hours (histograms are kept
+        per hour, day and all time)."""
+        return self.aligned(_HOUR)
+
+    def histogram_q(self) -> Q:
+        """Histogram rows of ``histogram_window``."""
+        window = self.histogram_window()
+        if window.since is None and window.until is None:
+            return window.rollup_q()
+        return window.rollup_q(levels=(int(RollupResolution.DAY), _HOUR))
 
     @property
     def epochs(self) -> tuple[int | None, int | None]:

@@ -59,6 +59,16 @@ class ExperimentReport:
         ]
         if self.filters.widened:
             notes.append("The window was widened to whole minutes (rollups are per minute).")
+        hours = self.filters.histogram_window()
+        if self.windowed and (hours.since, hours.until) != (self.filters.since, self.filters.until):
+            span = " to ".join(
+                moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "now"
+                for moment in (hours.since, hours.until)
+            )
+            notes.append(
+                f"Percentiles cover the window widened to whole hours ({span}): histograms "
+                "are kept per hour."
+            )
         if self.windowed:
             notes.append(
                 "In a window, subjects, users and messages count those first seen in it; the "

@@ -44,7 +44,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -52,7 +52,6 @@ import psycopg
 from django.db import connection, models, transaction
 
 from experiments.models import (
-    USAGE_MEASURES,
     CheckpointMessage,
     CheckpointSubject,
     ErrorKindRollup,
@@ -132,7 +131,8 @@ def _json_rows(name: str, param: str, columns) -> str:
     """A CTE ``name`` of the rows of a JSON array-of-arrays parameter."""
     if connection.vendor == "postgresql":
         picked = ", ".join(f"(r->>{i})::{kind} AS {col}" for i, (col, kind) in enumerate(columns))
-        return f"{name} AS (SELECT {picked} FROM json_array_elements(%({param})s::json) AS r)"
+        # jsonb: each element is parsed once, not once per column read from it.
+        return f"{name} AS (SELECT {picked} FROM jsonb_array_elements(%({param})s::jsonb) AS r)"
     picked = ", ".join(
         f"json_extract(value, '$[{i}]') AS {col}" for i, (col, _) in enumerate(columns)
     )
@@ -211,6 +211,9 @@ def _batch_json(rows: Sequence[Mapping[str, Any]]) -> str:
 
 #: Every bucket at every resolution: each source row counts once per resolution.
 _LEVELS = "(SELECT 60 AS res UNION ALL SELECT 3600 UNION ALL SELECT 86400 UNION ALL SELECT 0) AS l"
+#: Histograms start at hours: per minute their bins would outnumber the requests at
+#: high traffic (hundreds of bins a minute per checkpoint and kind).
+_HISTOGRAM_LEVELS = "(SELECT 3600 AS res UNION ALL SELECT 86400 UNION ALL SELECT 0) AS l"
 _BUCKET = "CASE WHEN l.res = 0 THEN 0 ELSE x.e - x.e %% l.res END"  # %% is a literal %
 
 
@@ -318,7 +321,7 @@ def _bins_sql() -> str:
     select = (
         f"SELECT x.v, x.kind, l.res, {_BUCKET}, x.metric, x.key, %(writer)s, COUNT(*) "
         f"FROM (SELECT m.v, m.kind, m.e, m.metric, {key} AS key FROM ({metrics}) AS m) AS x "
-        f"CROSS JOIN {_LEVELS} WHERE true "
+        f"CROSS JOIN {_HISTOGRAM_LEVELS} WHERE true "
         f"GROUP BY x.v, x.kind, l.res, {_BUCKET}, x.metric, x.key"
     )
     columns = [
@@ -438,15 +441,43 @@ def _statements(ctes: Sequence[str], statements: Sequence[str], returning: bool)
     return [f"WITH {', '.join([*ctes, *named])} {tail}"]
 
 
-@lru_cache(maxsize=2)
-def _phases(vendor: str) -> tuple[list[str], list[str], list[str]]:
-    """(insert first-seen rows, move first-seen rows, add to the rollups), per vendor."""
-    batch = _json_rows("src", "batch", _SOURCE)
+def _raw_rows() -> str:
+    """``src`` read from the attribution rows of [%(since)s, %(until)s) instead of a batch:
+    the same columns, computed as ``_batch_json`` computes them (for ``rebuild``)."""
+    table = ExperimentRequest._meta.db_table
+    versions = VariantVersion._meta.db_table
+    if connection.vendor == "postgresql":
+        epoch = "CAST(FLOOR(EXTRACT(EPOCH FROM r.created_at)) AS BIGINT)"
+        digest = (
+            "CAST(SUBSTR(ENCODE(SHA256(CONVERT_TO(r.client_request_id, 'UTF8')), 'hex'), 1, 32) "
+            "AS UUID)"
+        )
+        month = "CAST(DATE_TRUNC('month', r.created_at AT TIME ZONE 'UTC') AS DATE)"
+    else:
+        epoch = "CAST(strftime('%%s', r.created_at) AS INTEGER)"
+        digest = "SUBSTR(SHA256(r.client_request_id), 1, 32)"
+        month = "strftime('%%Y-%%m-01', r.created_at)"
+    return (
+        f"src AS (SELECT r.variant_version_id AS v, vv.variant_id AS slot, "
+        f"r.allocation_subject AS kind, {epoch} AS e, r.created_at AS t, "
+        f"r.allocation_subject_hash AS h, {digest} AS m, {month} AS mo, r.status_code AS st, "
+        "r.has_error AS er, r.error_kind AS ek, r.is_stream AS str, r.input_tokens AS i, "
+        "r.output_tokens AS o, r.ttfb_ms AS tf, r.total_ms AS tt "
+        f"FROM {table} r JOIN {versions} vv ON vv.id = r.variant_version_id "
+        "WHERE r.created_at >= %(since)s AND r.created_at < %(until)s)"
+    )
+
+
+@lru_cache(maxsize=4)
+def _phases(vendor: str, source: str = "batch") -> tuple[list[str], list[str], list[str]]:
+    """(insert first-seen rows, move first-seen rows, add to the rollups), per vendor,
+    reading a writer's batch or (``source="raw"``) a time range of attribution rows."""
+    rows = _json_rows("src", "batch", _SOURCE) if source == "batch" else _raw_rows()
     deltas = _json_rows("d", "deltas", [*_DELTAS, *((name, "bigint") for name in _DELTA_MEASURES)])
     return (
-        _statements([batch], [table.insert_sql() for table in _FIRST_SEEN], returning=True),
-        _statements([batch], [table.move_sql() for table in _FIRST_SEEN], returning=True),
-        _statements([batch, deltas], [_counts_sql(), _errors_sql(), _bins_sql()], returning=False),
+        _statements([rows], [table.insert_sql() for table in _FIRST_SEEN], returning=True),
+        _statements([rows], [table.move_sql() for table in _FIRST_SEEN], returning=True),
+        _statements([rows, deltas], [_counts_sql(), _errors_sql(), _bins_sql()], returning=False),
     )
 
 
@@ -521,32 +552,26 @@ def record_requests(rows: Sequence[Mapping[str, Any]], *, writer: int | None = N
 
 ROLLUP_MODELS = (RequestRollup, ErrorKindRollup, LatencyBin)
 FIRST_SEEN_MODELS = (SlotSubject, CheckpointSubject, CheckpointMessage)
-#: Columns ``record_requests`` reads from an attribution row.
-SOURCE_COLUMNS = (
-    "usage_id",
-    "variant_version_id",
-    "created_at",
-    "allocation_subject",
-    "allocation_subject_hash",
-    "client_request_id",
-    *USAGE_MEASURES,
-)
-REBUILD_CHUNK = 20_000
+#: Rebuild reads the attribution rows an hour at a time, in time order.
+REBUILD_STEP = timedelta(hours=1)
 
 ProgressCallback = Callable[[int, int], None]
 
 
-def rebuild(*, progress: ProgressCallback | None = None, chunk: int = REBUILD_CHUNK) -> int:
+def rebuild(*, progress: ProgressCallback | None = None) -> int:
     """Every rollup and first-seen row again from the attribution rows; returns how many
     rows were read.
 
     One transaction that locks the writers out of the rollup tables until it commits
     (their records wait in the spool), so a row committed meanwhile is counted either
     here or by its writer afterwards, never both; reports read the old rollups
-    meanwhile. Rows are
-    replayed in time order through ``record_requests``, the writers' own code, as writer 0.
+    meanwhile. The rows go through the writers' own statements, as writer 0, an hour
+    of rows at a time in time order, read by the database itself (no row travels to
+    Python): each key is first seen in the earliest hour that has it, so nothing needs
+    moving back. ``progress`` gets (hours done, hours).
     """
     report = progress or (lambda done, total: None)
+    insert, _, add = _phases(connection.vendor, "raw")
     with transaction.atomic():
         tables = [m._meta.db_table for m in (*ROLLUP_MODELS, *FIRST_SEEN_MODELS)]
         with connection.cursor() as cursor:
@@ -554,26 +579,31 @@ def rebuild(*, progress: ProgressCallback | None = None, chunk: int = REBUILD_CH
                 # Holds off the writers (and waits for their open transactions); readers
                 # keep reading the old rollups until this commits.
                 cursor.execute(f"LOCK TABLE {', '.join(tables)} IN SHARE ROW EXCLUSIVE MODE")
+                # Grouping an hour of rows in memory rather than on disk.
+                cursor.execute("SET LOCAL work_mem = '64MB'")
             for table in tables:
                 cursor.execute(f"DELETE FROM {table}")
-        total = ExperimentRequest.objects.count()
-        report(0, total)
-        done = 0
-        batch: list[dict[str, Any]] = []
-        ordered = ExperimentRequest.objects.order_by("created_at", "usage_id").values(
-            *SOURCE_COLUMNS
+        span = ExperimentRequest.objects.aggregate(
+            first=models.Min("created_at"), last=models.Max("created_at"), rows=models.Count("*")
         )
-        for row in ordered.iterator(chunk_size=chunk):
-            batch.append(row)
-            if len(batch) >= chunk:
-                record_requests(batch, writer=COMPACTED_WRITER)
-                done += len(batch)
-                batch = []
-                report(done, total)
-        record_requests(batch, writer=COMPACTED_WRITER)
-        done += len(batch)
-        report(done, total)
-    return done
+        if span["first"] is None:
+            report(0, 0)
+            return 0
+        start = span["first"].replace(minute=0, second=0, microsecond=0)
+        hours = int((span["last"] - start) / REBUILD_STEP) + 1
+        report(0, hours)
+        for hour in range(hours):
+            since = start + hour * REBUILD_STEP
+            params = {
+                "since": since,
+                "until": since + REBUILD_STEP,
+                "writer": COMPACTED_WRITER,
+                "multiplier": KEY_MULTIPLIER,
+            }
+            inserted = _run(insert, params)
+            _run(add, {**params, "deltas": _deltas_json(inserted, [])})
+            report(hour + 1, hours)
+    return span["rows"]
 
 
 #: Rows moved per transaction by ``compact`` (PostgreSQL): short transactions, so a
