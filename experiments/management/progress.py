@@ -24,6 +24,6 @@ def progress_bar(stream: OutputWrapper) -> ProgressCallback:
         last_drawn[phase] = filled
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
         ending = "\n" if done == total else ""
-        stream.write(f"\r{phase:<8} [{bar}] {done:,}/{total:,}", ending=ending, style_func=str)
+        stream.write(f"\r{phase:<6} [{bar}] {done:,}/{total:,}", ending=ending, style_func=str)
 
     return draw
