@@ -24,7 +24,7 @@ import django  # noqa: E402
 
 django.setup()
 
-from gateway.prompt_store import (  # noqa: E402
+from experiments.prompts.store import (  # noqa: E402
     PART_NAMESPACE,
     REQUEST_NAMESPACE,
     LocalPromptStore,

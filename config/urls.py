@@ -4,9 +4,6 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 
 urlpatterns = [
-    # Report pages live under the experiment's admin URL; listed first so the
-    # admin's catch-all does not swallow them.
-    path("admin/", include("experiments.report_urls")),
     path("admin/", admin.site.urls),
     path("", include("gateway.urls")),
     # Browsers ask for it on any page; the admin's pages link the same icon.

@@ -15,6 +15,7 @@ are registered in ``ExperimentAdmin.get_urls`` and wrapped by ``admin_view``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import wraps
 from typing import Any
 
 from django import forms
@@ -31,7 +32,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from experiments import selectors, services
+from experiments import report_views, selectors, services
 from experiments.forms import (
     ExperimentForm,
     HotSwapForm,
@@ -371,12 +372,7 @@ class ExperimentAdmin(admin.ModelAdmin):
         return fields
 
     def get_queryset(self, request):
-        return (
-            super()
-            .get_queryset(request)
-            .select_related("created_by")
-            .annotate(variant_total=Count("variants", distinct=True))
-        )
+        return selectors.with_variant_counts(super().get_queryset(request))
 
     def get_changelist(self, request, **kwargs):
         return ExperimentChangeList
@@ -387,9 +383,9 @@ class ExperimentAdmin(admin.ModelAdmin):
     def status_badge(self, experiment: Experiment) -> str:
         return status_badge_html(experiment)
 
-    @admin.display(description="variants", ordering="variant_total")
+    @admin.display(description="variants", ordering="variant_count")
     def variant_count(self, experiment: Experiment) -> int:
-        return experiment.variant_total
+        return experiment.variant_count
 
     @admin.display(description="requests (24 h)")
     def requests_last_day(self, experiment: Experiment) -> int:
@@ -737,7 +733,21 @@ class ExperimentAdmin(admin.ModelAdmin):
     # --- pages of our own --------------------------------------------------------------
 
     def get_urls(self):
+        reports = [
+            ("stats/", report_views.experiment_stats, "stats"),
+            ("requests/", report_views.experiment_requests, "requests"),
+            ("requests/<uuid:usage_id>/", report_views.experiment_request_detail, "request_detail"),
+            ("feedback/", report_views.experiment_feedback, "feedback"),
+        ]
         own = [
+            *(
+                path(
+                    f"<path:object_id>/{route}",
+                    self.admin_site.admin_view(self._report_page(view)),
+                    name=f"experiments_experiment_{name}",
+                )
+                for route, view, name in reports
+            ),
             path(
                 "<path:object_id>/transition/<str:action>/",
                 self.admin_site.admin_view(self.transition_view),
@@ -761,6 +771,20 @@ class ExperimentAdmin(admin.ModelAdmin):
         ]
         return own + super().get_urls()
 
+    def _report_page(self, view):
+        """A report page of one experiment, behind the admin's view permission hook."""
+
+        @wraps(view)
+        def page(request: HttpRequest, object_id: str, **kwargs) -> HttpResponse:
+            experiment = self.get_object(request, unquote(object_id))
+            if experiment is None:
+                raise Http404("No such experiment.")
+            if not self.has_view_permission(request, experiment):
+                raise PermissionDenied
+            return view(request, self, experiment, **kwargs)
+
+        return page
+
     def _variant_for(self, request, object_id: str, variant_id) -> Variant:
         return get_object_or_404(
             Variant.objects.select_related("experiment"),
@@ -777,7 +801,7 @@ class ExperimentAdmin(admin.ModelAdmin):
         template: str,
         return_to: str,
     ) -> HttpResponse:
-        current = services.current_version(variant)
+        current = selectors.current_version(variant)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
@@ -849,7 +873,7 @@ class ExperimentAdmin(admin.ModelAdmin):
         )
         if refused:
             return refused
-        current = services.current_version(variant)
+        current = selectors.current_version(variant)
         form = HotSwapForm(
             request.POST if request.method == "POST" else None,
             initial={"upstream": upstream_initial(current.upstream if current else None)},

@@ -329,6 +329,7 @@ class RequestKind(models.TextChoices):
 USAGE_MEASURES = (
     "status_code",
     "has_error",
+    "error_kind",
     "is_stream",
     "input_tokens",
     "output_tokens",
@@ -380,6 +381,7 @@ class ExperimentRequest(models.Model):
     # through covering indexes instead of joining a million usage rows.
     status_code = models.PositiveSmallIntegerField()
     has_error = models.BooleanField()
+    error_kind = models.CharField(max_length=64, null=True, blank=True)
     is_stream = models.BooleanField()
     input_tokens = models.PositiveIntegerField()
     output_tokens = models.PositiveIntegerField()
@@ -452,3 +454,189 @@ class ExperimentRequest(models.Model):
         return (
             f"{self.request_kind} {self.created_at:%Y-%m-%d %H:%M:%S} via {self.variant_version_id}"
         )
+
+
+# --- rollups (SPEC §10): what reports read, maintained as records land ----------------
+
+
+class RollupResolution(models.IntegerChoices):
+    """Bucket sizes in seconds; ALL is one bucket holding every request."""
+
+    MINUTE = 60, "minute"
+    HOUR = 3600, "hour"
+    DAY = 86400, "day"
+    ALL = 0, "all time"
+
+
+class LatencyMetric(models.IntegerChoices):
+    TTFB = 1, "time to first byte (ms)"
+    TOTAL = 2, "total latency (ms)"
+    THROUGHPUT = 3, "output tokens per second after the first byte"
+
+
+class RollupBucket(models.Model):
+    """The key every rollup row shares: whose share (``writer``), which bucket, which
+    checkpoint, which subject kind."""
+
+    writer = models.IntegerField()
+    resolution = models.IntegerField(choices=RollupResolution.choices)
+    #: Start of the bucket, in seconds since the epoch (0 for RollupResolution.ALL).
+    bucket = models.BigIntegerField()
+    variant_version = models.ForeignKey(
+        VariantVersion, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    allocation_subject = models.CharField(max_length=16, choices=AllocationSubject.choices)
+
+    class Meta:
+        abstract = True
+
+
+class FirstSeen(models.Model):
+    """When a key was first seen, and what an earlier record arriving late (a spool
+    replay) moved that from, so its writer can move the count to the right bucket."""
+
+    allocation_subject = models.CharField(max_length=16, choices=AllocationSubject.choices)
+    first_seen_at = models.DateTimeField()
+    previous_first_seen_at = models.DateTimeField(null=True)
+    previous_allocation_subject = models.CharField(
+        max_length=16, choices=AllocationSubject.choices, null=True
+    )
+
+    class Meta:
+        abstract = True
+
+
+class RequestRollup(RollupBucket):
+    """One writer's share of a checkpoint's figures in one time bucket, per subject kind.
+
+    Every gateway process adds to rows of its own ``writer`` id, so writers never wait
+    on each other's row locks; a report sums the writers' rows, and ``rollups compact``
+    folds them into writer 0. Counts and sums are exact; ``new_*`` count the subjects
+    and client request ids first seen in the bucket (experiments/reports/rollups.py).
+    """
+
+    # The writer comes last: reports read a checkpoint's range of buckets.
+    pk = models.CompositePrimaryKey(
+        "variant_version", "resolution", "bucket", "allocation_subject", "writer"
+    )
+    requests = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)
+    streamed = models.BigIntegerField(default=0)
+    status_2xx = models.BigIntegerField(default=0)
+    status_3xx = models.BigIntegerField(default=0)
+    status_4xx = models.BigIntegerField(default=0)
+    status_5xx = models.BigIntegerField(default=0)
+    status_other = models.BigIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    #: Exact mean and variance of total latency (Welch's interval needs both).
+    total_ms_samples = models.BigIntegerField(default=0)
+    total_ms_sum = models.BigIntegerField(default=0)
+    total_ms_sum_squares = models.DecimalField(max_digits=38, decimal_places=0, default=0)
+    new_subjects = models.BigIntegerField(default=0)
+    new_slot_subjects = models.BigIntegerField(default=0)
+    new_messages = models.BigIntegerField(default=0)
+    first_request_at = models.DateTimeField(null=True)
+    last_request_at = models.DateTimeField(null=True)
+
+    class Meta:
+        db_table = "model_experiment_rollup"
+
+    def __str__(self) -> str:
+        return f"{self.variant_version_id} {self.allocation_subject} {self.bucket}"
+
+
+class ErrorKindRollup(RollupBucket):
+    """Errors by kind (``gateway_usage.error_kind``), bucketed like ``RequestRollup``."""
+
+    pk = models.CompositePrimaryKey(
+        "variant_version", "resolution", "bucket", "allocation_subject", "error_kind", "writer"
+    )
+    error_kind = models.CharField(max_length=64)
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "model_experiment_rollup_error"
+
+    def __str__(self) -> str:
+        return f"{self.variant_version_id} {self.error_kind} x{self.count}"
+
+
+class LatencyBin(RollupBucket):
+    """One bin of a mergeable log-bucket histogram (DDSketch's logarithmic mapping):
+    how many values of ``metric`` fell in bin ``key``, bucketed like ``RequestRollup``."""
+
+    pk = models.CompositePrimaryKey(
+        "variant_version",
+        "resolution",
+        "bucket",
+        "allocation_subject",
+        "metric",
+        "key",
+        "writer",
+    )
+    metric = models.SmallIntegerField(choices=LatencyMetric.choices)
+    key = models.IntegerField()
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "model_experiment_rollup_bin"
+
+    def __str__(self) -> str:
+        return f"{self.variant_version_id} metric {self.metric} bin {self.key} x{self.count}"
+
+
+class SlotSubject(FirstSeen):
+    """Each subject once per slot, with when and on which checkpoint it was first seen:
+    the exact population of the sample-ratio check."""
+
+    pk = models.CompositePrimaryKey("variant", "subject_hash")
+    variant = models.ForeignKey(Variant, on_delete=models.CASCADE, related_name="+", db_index=False)
+    subject_hash = models.UUIDField()
+    variant_version = models.ForeignKey(
+        VariantVersion, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    previous_variant_version = models.ForeignKey(
+        VariantVersion, on_delete=models.CASCADE, related_name="+", null=True, db_index=False
+    )
+
+    class Meta:
+        db_table = "model_experiment_slot_subject"
+
+    def __str__(self) -> str:
+        return f"{self.variant_id} {self.subject_hash}"
+
+
+class CheckpointSubject(FirstSeen):
+    """Each subject once per checkpoint: distinct subjects and users per checkpoint."""
+
+    pk = models.CompositePrimaryKey("variant_version", "subject_hash")
+    variant_version = models.ForeignKey(
+        VariantVersion, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    subject_hash = models.UUIDField()
+
+    class Meta:
+        db_table = "model_experiment_checkpoint_subject"
+
+    def __str__(self) -> str:
+        return f"{self.variant_version_id} {self.subject_hash}"
+
+
+class CheckpointMessage(FirstSeen):
+    """Each client request id once per checkpoint and calendar month (UTC), as a hash:
+    distinct messages. Per month so that it can be dropped with the raw rows it
+    summarises (retention); an id reused in another month counts there again."""
+
+    pk = models.CompositePrimaryKey("month", "variant_version", "message_hash")
+    month = models.DateField()
+    variant_version = models.ForeignKey(
+        VariantVersion, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    message_hash = models.UUIDField()
+
+    class Meta:
+        db_table = "model_experiment_checkpoint_message"
+
+    def __str__(self) -> str:
+        return f"{self.variant_version_id} {self.message_hash} ({self.month:%Y-%m})"

@@ -1,9 +1,10 @@
 """Admin pages over the read side: stats, request browser, request detail, feedback join.
 
-Thin views: figures come from ``experiments.reports``; charts from
-``experiments.charts``. Each view is wrapped in ``admin.site.admin_view``
-(staff login) and requires ``experiments.view_experiment``, so a read-only
-viewer role can see results without any routing permission.
+Thin views: figures come from ``experiments.reports``. ``ExperimentAdmin.get_urls``
+registers them under the ``admin:`` namespace, wrapped in the admin site's
+``admin_view`` (staff login) and the model admin's ``has_view_permission``, so a
+read-only viewer role sees results without any routing permission. Each view takes
+the request, the model admin and the experiment.
 """
 
 from __future__ import annotations
@@ -14,36 +15,33 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import wraps
 
-from django.contrib import admin
-from django.core.exceptions import PermissionDenied
+from django.contrib.admin import ModelAdmin
 from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import render
 from django.urls import reverse
 from django.utils import timezone
 
-from experiments import charts
 from experiments.models import (
     PROMPT_HASH_DELETED,
     PROMPT_HASH_FAILED,
     AllocationSubject,
     Experiment,
 )
-from experiments.reports import (
-    SRM_THRESHOLD,
+from experiments.prompts.store import get_prompt_store
+from experiments.reports import charts
+from experiments.reports.browser import browse_requests, request_detail
+from experiments.reports.feedback import feedback_join
+from experiments.reports.filters import (
     BrowserFilters,
     ReportFilters,
     ReportInputError,
-    browse_requests,
-    cached_experiment_report,
-    experiment_checkpoints,
-    feedback_join,
     parse_moment,
-    request_detail,
 )
+from experiments.reports.report import experiment_report
+from experiments.reports.statistics import SRM_THRESHOLD
+from experiments.selectors import slot_histories
 
-VIEW_PERMISSION = "experiments.view_experiment"
 #: Prompts are user content: seeing an experiment's results does not imply reading them.
 PROMPT_PERMISSION = "experiments.view_prompt"
 WINDOWS = {
@@ -57,30 +55,23 @@ FEEDBACK_MAX_IDS = 5000
 FEEDBACK_MAX_UPLOAD_BYTES = 2 * 1024 * 1024
 
 
-def report_view(view):
-    """Staff login (admin_view) plus the view permission on experiments."""
-
-    @wraps(view)
-    def checked(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        if not request.user.has_perm(VIEW_PERMISSION):
-            raise PermissionDenied
-        return view(request, *args, **kwargs)
-
-    return admin.site.admin_view(checked)
-
-
-def _context(request: HttpRequest, experiment: Experiment, title: str, **extra) -> dict:
+def _context(
+    request: HttpRequest, model_admin: ModelAdmin, experiment: Experiment, title: str, **extra
+) -> dict:
     return {
-        **admin.site.each_context(request),
+        **model_admin.admin_site.each_context(request),
         "opts": Experiment._meta,
         "experiment": experiment,
         "title": title,
         "subtitle": str(experiment),
         "subject_kinds": AllocationSubject.choices,
         "nav": [
-            ("Stats", reverse("experiments_experiment_stats", args=[experiment.pk])),
-            ("Requests", reverse("experiments_experiment_requests", args=[experiment.pk])),
-            ("Feedback join", reverse("experiments_experiment_feedback", args=[experiment.pk])),
+            ("Stats", reverse("admin:experiments_experiment_stats", args=[experiment.pk])),
+            ("Requests", reverse("admin:experiments_experiment_requests", args=[experiment.pk])),
+            (
+                "Feedback join",
+                reverse("admin:experiments_experiment_feedback", args=[experiment.pk]),
+            ),
         ],
         **extra,
     }
@@ -94,7 +85,7 @@ def _window_filters(params) -> tuple[str, ReportFilters]:
     if window not in WINDOWS:
         raise ReportInputError(f"Unknown window {window!r}.")
     subject_kind = params.get("subject") or None
-    # Whole minutes, so reloads within a minute share one cached report.
+    # Whole minutes: the rollups' finest bucket.
     now = timezone.now().replace(second=0, microsecond=0)
     since = until = None
     if window == "custom":
@@ -105,11 +96,12 @@ def _window_filters(params) -> tuple[str, ReportFilters]:
     return window, ReportFilters(since=since, until=until, subject_kind=subject_kind)
 
 
-@report_view
-def experiment_stats(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    experiment = get_object_or_404(Experiment, pk=pk)
+def experiment_stats(
+    request: HttpRequest, model_admin: ModelAdmin, experiment: Experiment
+) -> HttpResponse:
     context = _context(
         request,
+        model_admin,
         experiment,
         "Stats",
         windows=[(key, label) for key, (label, _) in WINDOWS.items()],
@@ -121,7 +113,7 @@ def experiment_stats(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     except ReportInputError as exc:
         context["error"] = str(exc)
         return render(request, "admin/experiments/experiment/stats.html", context, status=400)
-    report = cached_experiment_report(experiment, filters)
+    report = experiment_report(experiment, filters)
     checkpoints = report.checkpoints
     context.update(
         window=window,
@@ -147,11 +139,13 @@ def _uuid_param(params, name: str) -> uuid.UUID | None:
         raise ReportInputError(f"Bad {name} filter.") from None
 
 
-@report_view
-def experiment_requests(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    experiment = get_object_or_404(Experiment, pk=pk)
-    slots = experiment_checkpoints(experiment)
-    context = _context(request, experiment, "Requests", slots=slots, params=request.GET)
+def experiment_requests(
+    request: HttpRequest, model_admin: ModelAdmin, experiment: Experiment
+) -> HttpResponse:
+    slots = slot_histories(experiment)
+    context = _context(
+        request, model_admin, experiment, "Requests", slots=slots, params=request.GET
+    )
     try:
         filters = BrowserFilters(
             slot=_uuid_param(request.GET, "slot"),
@@ -234,8 +228,6 @@ def inflate_prompt(sha256: str) -> InflatedPrompt:
         return InflatedPrompt("failed")
     if sha256 == PROMPT_HASH_DELETED:
         return InflatedPrompt("deleted")
-    from gateway.prompt_store import get_prompt_store
-
     try:
         canonical = get_prompt_store().get(sha256)
     except KeyError:
@@ -255,16 +247,15 @@ def inflate_prompt(sha256: str) -> InflatedPrompt:
     )
 
 
-@report_view
 def experiment_request_detail(
-    request: HttpRequest, pk: uuid.UUID, usage_id: uuid.UUID
+    request: HttpRequest, model_admin: ModelAdmin, experiment: Experiment, usage_id: uuid.UUID
 ) -> HttpResponse:
-    experiment = get_object_or_404(Experiment, pk=pk)
     row = request_detail(experiment, usage_id)
     if row is None:
         raise Http404("No such request in this experiment.")
     context = _context(
         request,
+        model_admin,
         experiment,
         "Request",
         row=row,
@@ -328,10 +319,12 @@ def _feedback_ids(request: HttpRequest) -> list[str]:
     return unique
 
 
-@report_view
-def experiment_feedback(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    experiment = get_object_or_404(Experiment, pk=pk)
-    context = _context(request, experiment, "Feedback join", pasted=request.POST.get("ids", ""))
+def experiment_feedback(
+    request: HttpRequest, model_admin: ModelAdmin, experiment: Experiment
+) -> HttpResponse:
+    context = _context(
+        request, model_admin, experiment, "Feedback join", pasted=request.POST.get("ids", "")
+    )
     if request.method == "POST":
         try:
             ids = _feedback_ids(request)

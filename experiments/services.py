@@ -33,6 +33,7 @@ from experiments.models import (
     VariantVersion,
 )
 from experiments.probes import CheckOutcome, CheckpointProbe
+from experiments.selectors import current_version
 from experiments.upstream import UpstreamInvalid, validate_upstream
 
 S = ExperimentStatus
@@ -338,11 +339,6 @@ def rename_variant(*, variant: Variant, label: str, by=None) -> Variant:
 
 
 # --- checkpoints -------------------------------------------------------------
-
-
-def current_version(variant: Variant, *, moment=None, with_ciphertext: bool = False):
-    manager = VariantVersion.with_ciphertext if with_ciphertext else VariantVersion.objects
-    return manager.filter(variant=variant).effective_at(moment).first()
 
 
 def _next_effective_at(var: Variant):

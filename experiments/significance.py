@@ -7,8 +7,6 @@
   proportions by Newcombe's hybrid score method (1998, method 10), built from
   Wilson intervals. Chosen over Wald because error rates sit near 0, where
   Wald intervals collapse to zero width or cross below 0.
-- ``percentile_linear``: the same definition as PostgreSQL ``percentile_cont``
-  (linear interpolation between the closest ranks), for the SQLite fallback.
 """
 
 from __future__ import annotations
@@ -114,21 +112,6 @@ def newcombe_difference_interval(
     lower = difference - math.sqrt((p_a - low_a) ** 2 + (high_b - p_b) ** 2)
     upper = difference + math.sqrt((high_a - p_a) ** 2 + (p_b - low_b) ** 2)
     return difference, lower, upper
-
-
-def percentile_linear(values: Sequence[float], fraction: float) -> float | None:
-    """``percentile_cont(fraction)``: linear interpolation between closest ranks."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError("fraction must be within [0, 1]")
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    position = fraction * (len(ordered) - 1)
-    below = math.floor(position)
-    above = math.ceil(position)
-    if below == above:
-        return float(ordered[below])
-    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
 def welch_mean_difference_interval(

@@ -40,8 +40,9 @@ from django.conf import settings
 from django.db import DataError, Error, IntegrityError, connection, transaction
 
 from experiments.models import PROMPT_HASH_FAILED, USAGE_MEASURES, ExperimentRequest
+from experiments.prompts.store import capture_prompt
+from experiments.reports.rollups import record_requests
 from gateway.models import GatewayUsage
-from gateway.prompt_store import capture_prompt
 from gateway.spool import Segment, Spool, json_line, read_segment
 
 logger = logging.getLogger(__name__)
@@ -279,6 +280,9 @@ def _insert(batch: list[RecordRows]) -> list[RecordRows]:
         ]
         if attributions:
             _attribution_table.insert(attributions)
+            # Same transaction, and only the rows that were new: a replayed record that
+            # was already written is not counted again.
+            record_requests(attributions)
     return [r for r in batch if r.usage["id"] in inserted]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from gateway.prompt_store import LocalPromptStore, PromptStore, S3PromptStore
+from experiments.prompts.store import LocalPromptStore, PromptStore, S3PromptStore
 
 S3_CREDENTIALS = {"access_key_id": "test-access-key", "secret_access_key": "test-secret-key"}
 

@@ -1,13 +1,16 @@
 """A seeded experiment with a hot-swap, for the report tests.
 
 Rows are built in memory first (``SeededRequest``) so tests can compute the
-expected figures from them independently of the selectors under test.
+expected figures from them independently of the reports under test; they are
+written through the gateway's own writer code (``record_rows``, ``write_rows``):
+usage and attribution rows and their rollups, in one transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,8 +18,10 @@ from datetime import datetime, timedelta
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from experiments.models import AllocationSubject, Experiment, ExperimentRequest, VariantVersion
-from gateway.models import GatewayUsage
+from experiments.models import AllocationSubject, Experiment, VariantVersion
+from experiments.reports import rollups
+from gateway.spool import Spool
+from gateway.usage import Attribution, UsageRecord, record_rows, write_rows
 from tests.factories import (
     ExperimentFactory,
     VariantFactory,
@@ -36,7 +41,9 @@ class SeededRequest:
     user_id: int | None
     client_request_id: str | None
     has_error: bool
+    error_kind: str | None
     status_code: int
+    is_stream: bool
     ttfb_ms: int | None
     total_ms: int
     input_tokens: int
@@ -61,11 +68,14 @@ def seed_experiment(
     api_key: str = "sk-test-partner-key",
     seed: int = 7,
     start: datetime | None = None,
+    writers: int = 1,
 ) -> SeededExperiment:
     """Two equal-weight slots; slot-a hot-swaps from a1 to a2 half-way through.
 
     ``share_of_slot_a`` is the fraction of subjects placed in slot-a (0.5 is a
-    balanced split; anything far from it is a sample-ratio mismatch).
+    balanced split; anything far from it is a sample-ratio mismatch). With
+    ``writers`` > 1 the rows land as several gateway processes would write them:
+    in that many batches of their own writer id, the batches out of time order.
     """
     rng = random.Random(seed)
     start = start or (timezone.now() - timedelta(hours=2)).replace(microsecond=0)
@@ -142,7 +152,9 @@ def seed_experiment(
                 # Some retries share an id; some clients send none.
                 client_request_id=None if index % 10 == 0 else f"msg-{index // 2}",
                 has_error=has_error,
-                status_code=500 if has_error else 200,
+                error_kind=("upstream_5xx" if index % 3 else "timeout") if has_error else None,
+                status_code=(500 if index % 3 else 504) if has_error else 200,
+                is_stream=index % 4 == 0,
                 ttfb_ms=None if index % 17 == 0 else rng.randint(20, 900),
                 total_ms=rng.randint(100, 5000),
                 input_tokens=rng.randint(1, 500),
@@ -150,50 +162,55 @@ def seed_experiment(
                 body_sha256=hashlib.sha256(f"body-{index}".encode()).hexdigest(),
             )
         )
-    insert_requests(rows, public_model_id=experiment.public_model_id)
+    batches = [rows[index::writers] for index in range(writers)]
+    rng.shuffle(batches)
+    for writer, batch in enumerate(batches, start=1):
+        insert_requests(batch, public_model_id=experiment.public_model_id, writer=writer)
     return SeededExperiment(experiment, versions, swap_at, start, rows)
 
 
-def insert_requests(rows: list[SeededRequest], *, public_model_id: str) -> None:
-    GatewayUsage.objects.bulk_create(
-        [
-            GatewayUsage(
-                id=row.usage_id,
-                created_at=row.created_at,
-                user_id=row.user_id,
-                public_model_id=public_model_id,
-                request_kind="chat_completions",
-                status_code=row.status_code,
-                has_error=row.has_error,
-                input_tokens=row.input_tokens,
-                output_tokens=row.output_tokens,
-                ttfb_ms=row.ttfb_ms,
-                total_ms=row.total_ms,
-            )
-            for row in rows
-        ]
+def usage_record(row: SeededRequest, public_model_id: str) -> UsageRecord:
+    """The record the gateway's view would have handed its writer for this request."""
+    return UsageRecord(
+        id=row.usage_id,
+        created_at=row.created_at,
+        user_id=row.user_id,
+        public_model_id=public_model_id,
+        request_kind="chat_completions",
+        is_stream=row.is_stream,
+        status_code=row.status_code,
+        has_error=row.has_error,
+        error_kind=row.error_kind,
+        input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens,
+        ttfb_ms=row.ttfb_ms,
+        total_ms=row.total_ms,
+        attribution=Attribution(
+            version_id=str(row.version_id),
+            allocation_subject=row.subject_kind,
+            client_request_id=row.client_request_id,
+            # Stored as the gateway stores it: the first 16 bytes, as a uuid.
+            allocation_subject_hash=uuid.UUID(row.subject_hash[:32]),
+            upstream_body=None,  # the prompt is not captured again: its hash is given
+        ),
     )
-    ExperimentRequest.objects.bulk_create(
-        [
-            ExperimentRequest(
-                usage_id=row.usage_id,
-                variant_version_id=row.version_id,
-                allocation_subject=row.subject_kind,
-                # Stored as the gateway stores it: the first 16 bytes, as a uuid.
-                allocation_subject_hash=uuid.UUID(row.subject_hash[:32]),
-                client_request_id=row.client_request_id,
-                request_kind="chat_completions",
-                request_body_sha256=row.body_sha256,
-                created_at=row.created_at,
-                # The writer's copies of the usage measures.
-                status_code=row.status_code,
-                has_error=row.has_error,
-                is_stream=False,
-                input_tokens=row.input_tokens,
-                output_tokens=row.output_tokens,
-                ttfb_ms=row.ttfb_ms,
-                total_ms=row.total_ms,
-            )
-            for row in rows
-        ]
-    )
+
+
+def insert_requests(
+    rows: list[SeededRequest], *, public_model_id: str, writer: int | None = None
+) -> list[SeededRequest]:
+    """Write rows as the gateway's usage writer does (usage and attribution rows and
+    their rollups, in one transaction), as ``writer`` (default: this process's id).
+    Returns the rows that were new."""
+    batch = [
+        record_rows(usage_record(row, public_model_id).spool_entry(), (row.body_sha256, False))
+        for row in rows
+    ]
+    previous, rollups.WRITER = rollups.WRITER, writer or rollups.WRITER
+    try:
+        with tempfile.TemporaryDirectory() as quarantine:
+            written = write_rows(batch, Spool(quarantine, 10**9, 1.0))
+    finally:
+        rollups.WRITER = previous
+    new = {written_rows.usage["id"] for written_rows in written}
+    return [row for row in rows if row.usage_id in new]

@@ -12,7 +12,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from experiments import routing_cache, services
+from experiments import routing_cache, selectors, services
 from experiments.models import Experiment, ExperimentStatus, Variant, VariantVersion
 from tests.factories import (
     ExperimentFactory,
@@ -396,9 +396,9 @@ def test_change_page_links_to_the_experiment_stats_requests_and_feedback_join(st
     experiment = make_experiment()
     page = staff_client.get(change_url(experiment)).content.decode()
     for name in (
-        "experiments_experiment_stats",
-        "experiments_experiment_requests",
-        "experiments_experiment_feedback",
+        "admin:experiments_experiment_stats",
+        "admin:experiments_experiment_requests",
+        "admin:experiments_experiment_feedback",
     ):
         assert f'href="{reverse(name, args=[experiment.pk])}"' in page
 
@@ -482,7 +482,7 @@ def test_bulk_delete_of_drafts_deletes_after_confirmation(staff_client):
 def test_hot_swap_page_is_seeded_from_the_current_upstream(staff_client):
     experiment = make_experiment()
     variant = experiment.variants.order_by("id").first()
-    current = services.current_version(variant)
+    current = selectors.current_version(variant)
     page = staff_client.get(hot_swap_url(variant)).content.decode()
     assert current.internal_id in page
     assert "Key configured (since" in page
@@ -507,15 +507,15 @@ def test_hot_swap_with_a_key_inserts_a_version_and_returns_to_the_experiment(sta
     response = _swap(staff_client, variant, upstream_config(internal_id="rc-new"), "sk-new")
     assert response.status_code == 302
     assert response.url == change_url(experiment)
-    assert services.current_version(variant).internal_id == "rc-new"
+    assert selectors.current_version(variant).internal_id == "rc-new"
 
 
 def test_hot_swap_without_a_key_reuses_the_previous_ciphertext(staff_client):
     experiment = make_experiment()
     variant = experiment.variants.order_by("id").first()
-    before = services.current_version(variant, with_ciphertext=True).encrypted_api_key
+    before = selectors.current_version(variant, with_ciphertext=True).encrypted_api_key
     assert _swap(staff_client, variant, upstream_config(internal_id="rc-new")).status_code == 302
-    after = services.current_version(variant, with_ciphertext=True)
+    after = selectors.current_version(variant, with_ciphertext=True)
     assert (after.internal_id, after.encrypted_api_key) == ("rc-new", before)
 
 
@@ -530,7 +530,7 @@ def test_hot_swap_drops_the_blanks_the_editor_sends_for_untouched_optional_field
         "remove_from_body": [],
     }
     assert _swap(staff_client, variant, editor_output).status_code == 302
-    assert services.current_version(variant).upstream == {
+    assert selectors.current_version(variant).upstream == {
         **upstream_config(internal_id="rc-editor"),
         "openclaw_settings": {"api_adapter": "openai-completions"},
     }
@@ -623,10 +623,10 @@ def test_hot_swap_without_usable_encryption_key_shows_error_and_writes_nothing(
 def test_rotate_key_inserts_a_version_with_the_same_upstream(staff_client):
     experiment = make_experiment()
     variant = experiment.variants.order_by("id").first()
-    before = services.current_version(variant, with_ciphertext=True)
+    before = selectors.current_version(variant, with_ciphertext=True)
     response = staff_client.post(rotate_url(variant), {"api_key": "sk-rotated"})
     assert response.status_code == 302
-    after = services.current_version(variant, with_ciphertext=True)
+    after = selectors.current_version(variant, with_ciphertext=True)
     assert after.pk != before.pk
     assert after.upstream == before.upstream
     assert after.encrypted_api_key != before.encrypted_api_key

@@ -14,7 +14,7 @@ from django.urls import reverse
 
 from experiments import services
 from experiments.models import ExperimentRequest, VariantVersion
-from gateway.prompt_store import get_prompt_store
+from experiments.prompts.store import get_prompt_store
 from tests.factories import SuperUserFactory, make_experiment, upstream_config
 from tests.report_seed import seed_experiment
 from tests.test_admin import staff_with
@@ -42,7 +42,7 @@ def nested(depth: int) -> object:
 def test_request_browser_refuses_a_nul_in_the_client_request_id_filter(admin_client):
     experiment = make_experiment()
     response = admin_client.get(
-        reverse("experiments_experiment_requests", args=[experiment.pk]),
+        reverse("admin:experiments_experiment_requests", args=[experiment.pk]),
         {"client_request_id": "req\x00-1"},
     )
     assert response.status_code == 400
@@ -52,7 +52,7 @@ def test_request_browser_refuses_a_nul_in_the_client_request_id_filter(admin_cli
 def test_feedback_join_refuses_a_nul_in_a_pasted_id(admin_client):
     experiment = make_experiment()
     response = admin_client.post(
-        reverse("experiments_experiment_feedback", args=[experiment.pk]),
+        reverse("admin:experiments_experiment_feedback", args=[experiment.pk]),
         {"ids": "req-1\nreq\x00-2"},
     )
     assert response.status_code == 400
@@ -152,7 +152,7 @@ def stored_prompt(tmp_path, settings):
     row = seeded.requests[0]
     ExperimentRequest.objects.filter(usage_id=row.usage_id).update(request_body_sha256=sha256)
     return reverse(
-        "experiments_experiment_request_detail", args=[seeded.experiment.pk, row.usage_id]
+        "admin:experiments_experiment_request_detail", args=[seeded.experiment.pk, row.usage_id]
     )
 
 

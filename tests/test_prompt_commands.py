@@ -12,15 +12,15 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 
 from experiments.models import PROMPT_HASH_DELETED, PROMPT_HASH_FAILED, ExperimentRequest
-from gateway.models import GatewayUsage
-from gateway.prompt_maintenance import collect_garbage
-from gateway.prompt_store import (
+from experiments.prompts.maintenance import collect_garbage
+from experiments.prompts.store import (
     PART_NAMESPACE,
     REQUEST_NAMESPACE,
     LocalPromptStore,
     PromptStore,
     canonical_body,
 )
+from gateway.models import GatewayUsage
 from tests.factories import (
     ExperimentRequestFactory,
     GatewayUsageFactory,

@@ -12,7 +12,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from experiments.models import PROMPT_HASH_FAILED
-from gateway.prompt_store import (
+from experiments.prompts.store import (
     MAX_PROMPT_BYTES,
     PART_NAMESPACE,
     REQUEST_NAMESPACE,
@@ -253,7 +253,7 @@ def test_capture_prompt_returns_failed_when_the_local_folder_is_unwritable(tmp_p
 
 
 def test_capture_prompt_returns_failed_when_the_s3_endpoint_is_down():
-    from gateway.prompt_store import S3PromptStore
+    from experiments.prompts.store import S3PromptStore
 
     down = S3PromptStore(
         bucket="prompts",

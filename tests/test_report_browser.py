@@ -8,7 +8,7 @@ import os
 import pytest
 
 from experiments.models import ExperimentRequest
-from gateway.prompt_store import get_prompt_store
+from experiments.prompts.store import get_prompt_store
 from tests.browser import chromium_page, screenshot
 from tests.factories import SuperUserFactory
 from tests.report_seed import seed_experiment

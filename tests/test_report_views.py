@@ -14,8 +14,10 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from experiments.models import PROMPT_HASH_DELETED, PROMPT_HASH_FAILED, ExperimentRequest
-from experiments.reports import BrowserFilters, browse_requests
-from gateway.prompt_store import get_prompt_store
+from experiments.prompts.store import get_prompt_store
+from experiments.reports.browser import browse_requests
+from experiments.reports.filters import BrowserFilters
+from gateway.models import GatewayUsage
 from tests.factories import StaffUserFactory, SuperUserFactory
 from tests.report_seed import seed_experiment
 
@@ -52,9 +54,9 @@ def url(name, seeded, *extra):
 @pytest.mark.parametrize(
     "name",
     [
-        "experiments_experiment_stats",
-        "experiments_experiment_requests",
-        "experiments_experiment_feedback",
+        "admin:experiments_experiment_stats",
+        "admin:experiments_experiment_requests",
+        "admin:experiments_experiment_feedback",
     ],
 )
 def test_staff_without_view_permission_is_refused(client, seeded, name):
@@ -63,7 +65,7 @@ def test_staff_without_view_permission_is_refused(client, seeded, name):
 
 
 def test_anonymous_visitor_is_sent_to_the_admin_login(client, seeded):
-    response = client.get(url("experiments_experiment_stats", seeded))
+    response = client.get(url("admin:experiments_experiment_stats", seeded))
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
 
 
@@ -71,14 +73,14 @@ def test_view_permission_alone_opens_the_stats_page(client, seeded):
     viewer = StaffUserFactory()
     viewer.user_permissions.add(Permission.objects.get(codename="view_experiment"))
     client.force_login(viewer)
-    assert client.get(url("experiments_experiment_stats", seeded)).status_code == 200
+    assert client.get(url("admin:experiments_experiment_stats", seeded)).status_code == 200
 
 
 # --- stats --------------------------------------------------------------------
 
 
 def test_stats_page_renders_figures_and_three_charts(staff_client, seeded):
-    response = staff_client.get(url("experiments_experiment_stats", seeded))
+    response = staff_client.get(url("admin:experiments_experiment_stats", seeded))
     body = response.content.decode()
     assert response.status_code == 200
     assert body.count('class="mx-chart"') == 3
@@ -89,7 +91,9 @@ def test_stats_page_renders_figures_and_three_charts(staff_client, seeded):
 
 @pytest.mark.parametrize("window", ["hour", "day", "week", "all"])
 def test_stats_page_renders_for_every_window(staff_client, seeded, window):
-    response = staff_client.get(url("experiments_experiment_stats", seeded), {"window": window})
+    response = staff_client.get(
+        url("admin:experiments_experiment_stats", seeded), {"window": window}
+    )
     assert response.status_code == 200
 
 
@@ -97,7 +101,7 @@ def test_stats_page_custom_window_counts_only_rows_inside(staff_client, seeded):
     since = seeded.start + timedelta(minutes=30)
     until = seeded.start + timedelta(minutes=90)
     response = staff_client.get(
-        url("experiments_experiment_stats", seeded),
+        url("admin:experiments_experiment_stats", seeded),
         {
             "window": "custom",
             "since": since.strftime("%Y-%m-%dT%H:%M"),
@@ -118,19 +122,19 @@ def test_stats_page_custom_window_counts_only_rows_inside(staff_client, seeded):
     ],
 )
 def test_stats_page_bad_filter_shows_a_clear_error(staff_client, seeded, params, message):
-    response = staff_client.get(url("experiments_experiment_stats", seeded), params)
+    response = staff_client.get(url("admin:experiments_experiment_stats", seeded), params)
     assert response.status_code == 400
     assert message in response.context["error"]
 
 
 def test_stats_page_shows_prominent_warning_for_a_skewed_split(staff_client, db):
     seeded = seed_experiment(subjects=200, requests=300, share_of_slot_a=0.7)
-    body = staff_client.get(url("experiments_experiment_stats", seeded)).content.decode()
+    body = staff_client.get(url("admin:experiments_experiment_stats", seeded)).content.decode()
     assert 'id="srm-warning"' in body
 
 
 def test_stats_page_has_no_warning_for_a_balanced_split(staff_client, seeded):
-    body = staff_client.get(url("experiments_experiment_stats", seeded)).content.decode()
+    body = staff_client.get(url("admin:experiments_experiment_stats", seeded)).content.decode()
     assert 'id="srm-warning"' not in body and "No sample-ratio mismatch" in body
 
 
@@ -140,10 +144,10 @@ def test_report_pages_never_select_the_encrypted_key_nor_show_it(
     seeded = seed_experiment(subjects=30, requests=60, api_key=canary_key)
     row = seeded.requests[0]
     pages = [
-        url("experiments_experiment_stats", seeded),
-        url("experiments_experiment_requests", seeded),
-        url("experiments_experiment_request_detail", seeded, row.usage_id),
-        url("experiments_experiment_feedback", seeded),
+        url("admin:experiments_experiment_stats", seeded),
+        url("admin:experiments_experiment_requests", seeded),
+        url("admin:experiments_experiment_request_detail", seeded, row.usage_id),
+        url("admin:experiments_experiment_feedback", seeded),
     ]
     with CaptureQueriesContext(connection) as queries:
         bodies = [staff_client.get(page) for page in pages]
@@ -158,7 +162,7 @@ def test_report_pages_never_select_the_encrypted_key_nor_show_it(
 
 
 def test_request_list_shows_newest_first_with_checkpoint_and_slot(staff_client, seeded):
-    response = staff_client.get(url("experiments_experiment_requests", seeded))
+    response = staff_client.get(url("admin:experiments_experiment_requests", seeded))
     rows = response.context["page"].rows
     newest = max(seeded.requests, key=lambda r: (r.created_at, r.usage_id))
     assert rows[0].usage_id == newest.usage_id
@@ -168,7 +172,7 @@ def test_request_list_shows_newest_first_with_checkpoint_and_slot(staff_client, 
 def test_request_list_filters_by_checkpoint(staff_client, seeded):
     version = seeded.versions["a1"]
     response = staff_client.get(
-        url("experiments_experiment_requests", seeded), {"checkpoint": str(version.pk)}
+        url("admin:experiments_experiment_requests", seeded), {"checkpoint": str(version.pk)}
     )
     assert {row.version_id for row in response.context["page"].rows} == {version.pk}
 
@@ -176,7 +180,7 @@ def test_request_list_filters_by_checkpoint(staff_client, seeded):
 def test_request_list_filters_by_client_request_id(staff_client, seeded):
     wanted = next(r.client_request_id for r in seeded.requests if r.client_request_id)
     response = staff_client.get(
-        url("experiments_experiment_requests", seeded), {"client_request_id": wanted}
+        url("admin:experiments_experiment_requests", seeded), {"client_request_id": wanted}
     )
     expected = {r.usage_id for r in seeded.requests if r.client_request_id == wanted}
     assert {row.usage_id for row in response.context["page"].rows} == expected
@@ -186,14 +190,14 @@ def test_request_list_filters_by_client_request_id(staff_client, seeded):
     "params", [{"cursor": "not-a-cursor"}, {"slot": "nope"}, {"status": "teapot"}]
 )
 def test_request_list_bad_parameter_gives_a_clear_error(staff_client, seeded, params):
-    response = staff_client.get(url("experiments_experiment_requests", seeded), params)
+    response = staff_client.get(url("admin:experiments_experiment_requests", seeded), params)
     assert response.status_code == 400 and response.context["error"]
 
 
 def test_request_list_next_link_leads_to_the_following_page(staff_client, seeded):
-    first = staff_client.get(url("experiments_experiment_requests", seeded))
+    first = staff_client.get(url("admin:experiments_experiment_requests", seeded))
     second = staff_client.get(
-        url("experiments_experiment_requests", seeded) + "?" + first.context["next_query"]
+        url("admin:experiments_experiment_requests", seeded) + "?" + first.context["next_query"]
     )
     first_ids = [r.usage_id for r in first.context["page"].rows]
     second_ids = [r.usage_id for r in second.context["page"].rows]
@@ -204,7 +208,7 @@ def test_request_list_next_link_leads_to_the_following_page(staff_client, seeded
 def test_request_of_another_experiment_is_not_found(staff_client, seeded):
     other = seed_experiment(subjects=5, requests=5, seed=3)
     response = staff_client.get(
-        url("experiments_experiment_request_detail", seeded, other.requests[0].usage_id)
+        url("admin:experiments_experiment_request_detail", seeded, other.requests[0].usage_id)
     )
     assert response.status_code == 404
 
@@ -228,7 +232,9 @@ def test_request_detail_inflates_the_prompt_from_the_store(staff_client, seeded,
     sha256 = get_prompt_store().put(canonical)
     row = seeded.requests[0]
     set_body_hash(row.usage_id, sha256)
-    response = staff_client.get(url("experiments_experiment_request_detail", seeded, row.usage_id))
+    response = staff_client.get(
+        url("admin:experiments_experiment_request_detail", seeded, row.usage_id)
+    )
     prompt = response.context["prompt"]
     assert prompt.state == "ok"
     assert prompt.messages == [("system", "Be terse."), ("user", "Grüße — what is 2+2?")]
@@ -245,7 +251,9 @@ def test_sentinel_hash_is_shown_without_touching_the_store(
     settings.PROMPT_STORE_DIR = "/dev/null/not-a-dir"
     row = seeded.requests[0]
     set_body_hash(row.usage_id, sentinel)
-    response = staff_client.get(url("experiments_experiment_request_detail", seeded, row.usage_id))
+    response = staff_client.get(
+        url("admin:experiments_experiment_request_detail", seeded, row.usage_id)
+    )
     assert response.context["prompt"].state == state
     assert sentinel in response.content.decode()
 
@@ -253,7 +261,9 @@ def test_sentinel_hash_is_shown_without_touching_the_store(
 def test_missing_blob_shows_prompt_not_found(staff_client, seeded, prompt_dir):
     row = seeded.requests[0]
     set_body_hash(row.usage_id, hashlib.sha256(b"never stored").hexdigest())
-    response = staff_client.get(url("experiments_experiment_request_detail", seeded, row.usage_id))
+    response = staff_client.get(
+        url("admin:experiments_experiment_request_detail", seeded, row.usage_id)
+    )
     assert "Prompt not found" in response.content.decode()
 
 
@@ -261,7 +271,9 @@ def test_truncated_body_is_shown_as_text(staff_client, seeded, prompt_dir):
     sha256 = get_prompt_store().put(b'{"messages": [{"role": "user", "content": "abc')
     row = seeded.requests[0]
     set_body_hash(row.usage_id, sha256)
-    response = staff_client.get(url("experiments_experiment_request_detail", seeded, row.usage_id))
+    response = staff_client.get(
+        url("admin:experiments_experiment_request_detail", seeded, row.usage_id)
+    )
     assert response.context["prompt"].raw_text.endswith('"abc')
 
 
@@ -271,7 +283,7 @@ def test_truncated_body_is_shown_as_text(staff_client, seeded, prompt_dir):
 def test_pasted_ids_show_the_serving_checkpoint_or_not_found(staff_client, seeded):
     known = next(r for r in seeded.requests if r.client_request_id)
     response = staff_client.post(
-        url("experiments_experiment_feedback", seeded),
+        url("admin:experiments_experiment_feedback", seeded),
         {"ids": f"{known.client_request_id}\n\nno-such-id\n"},
     )
     matches = {m.client_request_id: m for m in response.context["matches"]}
@@ -290,7 +302,9 @@ def test_uploaded_csv_uses_the_client_request_id_column(staff_client, seeded):
         f"rating,client_request_id\n5,{known.client_request_id}\n1,missing-id\n".encode(),
         content_type="text/csv",
     )
-    response = staff_client.post(url("experiments_experiment_feedback", seeded), {"file": upload})
+    response = staff_client.post(
+        url("admin:experiments_experiment_feedback", seeded), {"file": upload}
+    )
     assert [m.client_request_id for m in response.context["matches"]] == [
         known.client_request_id,
         "missing-id",
@@ -299,7 +313,9 @@ def test_uploaded_csv_uses_the_client_request_id_column(staff_client, seeded):
 
 def test_uploaded_csv_without_header_uses_the_first_column(staff_client, seeded):
     upload = SimpleUploadedFile("ids.csv", b"id-1,good\nid-2,bad\n", content_type="text/csv")
-    response = staff_client.post(url("experiments_experiment_feedback", seeded), {"file": upload})
+    response = staff_client.post(
+        url("admin:experiments_experiment_feedback", seeded), {"file": upload}
+    )
     assert [m.client_request_id for m in response.context["matches"]] == ["id-1", "id-2"]
 
 
@@ -315,7 +331,7 @@ def test_bad_feedback_input_gives_a_clear_error(staff_client, seeded, payload, m
     if "file" in payload:
         name, content = payload["file"]
         payload = {"file": SimpleUploadedFile(name, content, content_type="text/csv")}
-    response = staff_client.post(url("experiments_experiment_feedback", seeded), payload)
+    response = staff_client.post(url("admin:experiments_experiment_feedback", seeded), payload)
     assert response.status_code == 400 and message in response.context["error"]
 
 
@@ -326,7 +342,7 @@ def test_feedback_join_is_scoped_to_the_experiment(staff_client, seeded):
         client_request_id="shared-id"
     )
     response = staff_client.post(
-        url("experiments_experiment_feedback", seeded), {"ids": "shared-id"}
+        url("admin:experiments_experiment_feedback", seeded), {"ids": "shared-id"}
     )
     assert response.context["matches"][0].rows == []
 
@@ -355,10 +371,11 @@ def test_keyset_pages_return_every_row_exactly_once_in_order(seeded):
 
 def test_keyset_pages_break_ties_between_equal_timestamps(db):
     seeded = seed_experiment(subjects=10, requests=40)
-    # Everything at one instant: only usage_id orders the rows.
-    ExperimentRequest.objects.filter(usage_id__in=[r.usage_id for r in seeded.requests]).update(
-        created_at=seeded.start
-    )
+    # Everything at one instant: only usage_id orders the rows. (Both rows of a request
+    # keep the same created_at, as SPEC §2 requires and the foreign key checks.)
+    ids = [r.usage_id for r in seeded.requests]
+    GatewayUsage.objects.filter(id__in=ids).update(created_at=seeded.start)
+    ExperimentRequest.objects.filter(usage_id__in=ids).update(created_at=seeded.start)
     seen, _ = walk_pages(seeded.experiment, page_size=6)
     ids = [row.usage_id for row in seen]
     assert sorted(ids, reverse=True) == ids and len(set(ids)) == 40
@@ -369,9 +386,26 @@ def test_keyset_pages_with_a_filter_return_exactly_the_matching_rows(seeded):
     assert {row.usage_id for row in seen} == {r.usage_id for r in seeded.requests if r.has_error}
 
 
-def test_stats_page_reload_within_a_minute_reuses_the_report(staff_client, seeded):
-    staff_client.get(url("experiments_experiment_stats", seeded))
+def test_stats_page_shows_errors_by_kind_and_says_a_window_was_widened(staff_client, seeded):
+    since = (seeded.start.replace(second=0) + timedelta(minutes=5, seconds=30)).isoformat()
+    response = staff_client.get(
+        url("admin:experiments_experiment_stats", seeded), {"window": "custom", "since": since[:19]}
+    )
+    page = response.content.decode()
+    assert "upstream_5xx" in page and "timeout" in page
+    assert "widened to whole minutes" in page
+
+
+RAW_TABLES = ("model_experiment_request", "gateway_usage")
+
+
+@pytest.mark.parametrize("window", ["all", "hour", "day", "week"])
+def test_stats_page_reads_no_raw_row(staff_client, seeded, window):
     with CaptureQueriesContext(connection) as queries:
-        response = staff_client.get(url("experiments_experiment_stats", seeded))
+        response = staff_client.get(
+            url("admin:experiments_experiment_stats", seeded),
+            {"window": window, "subject": "machine"},
+        )
     assert response.status_code == 200
-    assert not [q for q in queries.captured_queries if "model_experiment_request" in q["sql"]]
+    assert queries.captured_queries
+    assert not [q for q in queries.captured_queries if any(t in q["sql"] for t in RAW_TABLES)]

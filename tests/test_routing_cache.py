@@ -19,7 +19,7 @@ from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from experiments import crypto, routing_cache, services
+from experiments import crypto, routing_cache, selectors, services
 from experiments.models import ExperimentStatus, VariantVersion
 from tests.factories import VariantVersionFactory, make_experiment, upstream_config
 
@@ -278,7 +278,7 @@ def test_payload_lists_variants_in_id_order_with_their_current_checkpoint(canary
     assert payload["status"] == S.ACTIVE
     assert [slot["id"] for slot in payload["variants"]] == [str(v.pk) for v in variants]
     for slot, variant in zip(payload["variants"], variants, strict=True):
-        version = services.current_version(variant, with_ciphertext=True)
+        version = selectors.current_version(variant, with_ciphertext=True)
         assert slot["weight"] == variant.weight
         assert slot["version_id"] == str(version.pk)
         assert slot["upstream"] == version.upstream
@@ -340,7 +340,7 @@ def test_writes_succeed_while_redis_is_down_and_the_failure_is_logged_without_a_
     failures = [r for r in caplog.records if r.name == "experiments.routing_cache"]
     assert len(failures) == 2
     assert all("routing cache refresh failed" in r.getMessage() for r in failures)
-    ciphertext = services.current_version(variant, with_ciphertext=True).encrypted_api_key
+    ciphertext = selectors.current_version(variant, with_ciphertext=True).encrypted_api_key
     assert canary_key not in caplog.text
     assert ciphertext["data"] not in caplog.text
 

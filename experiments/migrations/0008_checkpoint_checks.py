@@ -10,7 +10,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('experiments', '0005_routing_state'),
+        ('experiments', '0007_partitioned_raw_tables'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

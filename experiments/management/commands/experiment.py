@@ -32,7 +32,6 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import CommandError, CommandParser
-from django.db.models import BooleanField, Count, ExpressionWrapper, Q
 
 from experiments import selectors, services
 from experiments.management.output import CommandRefusal, JsonCommand, add_json_option
@@ -283,16 +282,7 @@ class Command(JsonCommand):
     def _current_checkpoint(variant: Variant) -> dict[str, Any] | None:
         # The default manager defers the ciphertext; "key configured" is computed in SQL
         # so the ciphertext itself is never selected.
-        version = (
-            VariantVersion.objects.filter(variant=variant)
-            .effective_at()
-            .annotate(
-                key_configured=ExpressionWrapper(
-                    Q(encrypted_api_key__isnull=False), output_field=BooleanField()
-                )
-            )
-            .first()
-        )
+        version = selectors.current_version_with_key_state(variant)
         if version is None:
             return None
         check = selectors.latest_checks([version.pk]).get(version.pk)
@@ -321,9 +311,7 @@ class Command(JsonCommand):
         ]
 
     def _cmd_list(self, options: dict[str, Any]) -> None:
-        experiments = Experiment.objects.select_related("created_by").annotate(
-            variant_count=Count("variants")
-        )
+        experiments = selectors.with_variant_counts(Experiment.objects.all())
         if not options["all"]:
             experiments = experiments.filter(is_archived=False)
         rows = [

@@ -14,15 +14,10 @@ from typing import Any
 from django.core.management.base import CommandError, CommandParser
 
 from experiments.management.output import JsonCommand
-from experiments.reports import (
-    SRM_THRESHOLD,
-    CheckpointStats,
-    ExperimentReport,
-    ReportFilters,
-    ReportInputError,
-    experiment_report,
-    parse_moment,
-)
+from experiments.reports.figures import CheckpointStats
+from experiments.reports.filters import ReportFilters, ReportInputError, parse_moment
+from experiments.reports.report import ExperimentReport, experiment_report
+from experiments.reports.statistics import SRM_THRESHOLD
 from experiments.selectors import NotFound, find_experiment
 
 CSV_COLUMNS = [
@@ -41,6 +36,9 @@ CSV_COLUMNS = [
     "total_ms_p50",
     "total_ms_p95",
     "total_ms_mean",
+    "throughput_tok_s_p50",
+    "throughput_tok_s_p95",
+    "streamed",
     "input_tokens",
     "output_tokens",
 ]
@@ -81,8 +79,20 @@ def checkpoint_record(checkpoint: CheckpointStats) -> dict:
         "total_ms_p50": checkpoint.total_p50,
         "total_ms_p95": checkpoint.total_p95,
         "total_ms_mean": checkpoint.total_mean,
+        "throughput_tok_s_p50": checkpoint.throughput_p50,
+        "throughput_tok_s_p95": checkpoint.throughput_p95,
+        "streamed": checkpoint.streamed,
         "input_tokens": checkpoint.input_tokens,
         "output_tokens": checkpoint.output_tokens,
+    }
+
+
+def checkpoint_json(checkpoint: CheckpointStats) -> dict:
+    """The CSV row plus the breakdowns that do not flatten into one."""
+    return {
+        **checkpoint_record(checkpoint),
+        "status_classes": checkpoint.status_classes,
+        "errors_by_kind": checkpoint.errors_by_kind,
     }
 
 
@@ -98,7 +108,9 @@ def report_record(report: ExperimentReport) -> dict:
             "since": _iso(report.filters.since),
             "until": _iso(report.filters.until),
             "subject_kind": report.filters.subject_kind,
+            "widened_to_whole_minutes": report.filters.widened,
         },
+        "notes": report.notes,
         "generated_at": _iso(report.generated_at),
         "slots": [
             {
@@ -107,7 +119,7 @@ def report_record(report: ExperimentReport) -> dict:
                 "expected_share": slot.expected_share,
                 "distinct_subjects": slot.distinct_subjects,
                 "observed_share": slot.observed_share,
-                "checkpoints": [checkpoint_record(c) for c in slot.checkpoints],
+                "checkpoints": [checkpoint_json(c) for c in slot.checkpoints],
             }
             for slot in report.slots
         ],
@@ -199,6 +211,7 @@ def render_table(report: ExperimentReport) -> str:
         lines.append("  ".join(str(cell).ljust(width) for cell, width in cells))
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
+    lines += ["", *report.notes]
     srm = report.srm
     lines += ["", "Sample-ratio check (distinct subjects per slot vs weights, chi-square):"]
     for slot in report.slots:

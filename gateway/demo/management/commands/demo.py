@@ -22,7 +22,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from experiments import crypto, services
+from experiments import crypto, selectors, services
 from experiments.models import ROUTING_STATUSES, Experiment, ExperimentStatus, VariantVersion
 from experiments.upstream import validate_upstream
 from gateway.models import GatewayToken
@@ -195,7 +195,7 @@ def ensure_demo_experiment(*, upstream_port: int, partner_key: str) -> tuple[Exp
 
     for label, internal_id in DEMO_VARIANTS:
         wanted = validate_upstream(demo_upstream_config(internal_id, upstream_port))
-        current = services.current_version(variants[label], with_ciphertext=True)
+        current = selectors.current_version(variants[label], with_ciphertext=True)
         upstream_ok = current is not None and current.upstream == wanted
         key_ok = _key_matches(current, partner_key)
         if upstream_ok and key_ok:

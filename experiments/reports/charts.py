@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-from experiments.reports import CheckpointStats, SlotStats, TimeSeries
+from experiments.reports.figures import CheckpointStats, SlotStats, TimeSeries
 
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")

@@ -11,8 +11,8 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from experiments.management.output import JsonCommand, add_json_option
-from experiments.selectors import NotFound, find_experiment
-from gateway.prompt_maintenance import (
+from experiments.management.progress import progress_bar
+from experiments.prompts.maintenance import (
     DEFAULT_GRACE,
     MIN_GRACE,
     GcSummary,
@@ -21,9 +21,8 @@ from gateway.prompt_maintenance import (
     count_wipeable,
     wipe_prompts,
 )
-from gateway.prompt_store import get_prompt_store
-
-BAR_WIDTH = 30
+from experiments.prompts.store import get_prompt_store
+from experiments.selectors import NotFound, find_experiment
 
 
 def parse_before(raw: str) -> datetime:
@@ -139,29 +138,13 @@ class Command(JsonCommand):
         except (ValueError, ImportError) as error:
             raise CommandError(f"prompt store is not usable: {error}") from None
         summary = collect_garbage(
-            store, grace=grace, dry_run=options["dry_run"], progress=self._progress_bar()
+            store, grace=grace, dry_run=options["dry_run"], progress=progress_bar(self.stderr)
         )
         if self.as_json:
             grace_minutes = int(grace.total_seconds() // 60)
             self.emit("", {"grace_minutes": grace_minutes, **dataclasses.asdict(summary)})
         else:
             self._print_summary(summary, grace)
-
-    def _progress_bar(self):
-        last_drawn: dict[str, int] = {}
-
-        def draw(phase: str, done: int, total: int) -> None:
-            filled = BAR_WIDTH * done // total if total else BAR_WIDTH
-            if last_drawn.get(phase) == filled and done != total:
-                return  # redraw only when the bar moves
-            last_drawn[phase] = filled
-            bar = "#" * filled + "." * (BAR_WIDTH - filled)
-            ending = "\n" if done == total else ""
-            self.stderr.write(
-                f"\r{phase:<6} [{bar}] {done}/{total}", ending=ending, style_func=lambda s: s
-            )
-
-        return draw
 
     def _print_summary(self, summary: GcSummary, grace: timedelta) -> None:
         def line(label: str, bucket: dict[str, Tally]) -> str:

@@ -32,7 +32,7 @@ and ``input`` (Responses). Values kept as one part when large: ``system``
 (Anthropic, string or list), ``instructions`` and ``input`` as a string
 (Responses), ``tools``/``functions``.
 
-Garbage collection (``gateway.prompt_maintenance``) relies on three rules here:
+Garbage collection (``experiments.prompts.maintenance``) relies on three rules here:
 a request blob and a part are written before anything references them (parts,
 then manifest, then the row); reusing an existing blob refreshes its age
 ("touch") so a blob GC saw as an old orphan is young again once referenced; and

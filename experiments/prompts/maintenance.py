@@ -1,6 +1,6 @@
 """Prompt wipe and garbage collection: the writes behind ``manage.py prompts``.
 
-GC safety (see also the layout notes in ``gateway.prompt_store``):
+GC safety (see also the layout notes in ``experiments.prompts.store``):
 
 * A blob younger than the grace period is never deleted, so a write in flight
   (parts → manifest → row) is safe.
@@ -31,7 +31,7 @@ from experiments.models import (
     Experiment,
     ExperimentRequest,
 )
-from gateway.prompt_store import (
+from experiments.prompts.store import (
     PART_NAMESPACE,
     PART_TOUCH_TTL_SECONDS,
     REQUEST_NAMESPACE,

@@ -1,0 +1,108 @@
+"""Everything the stats page and ``experiment_report`` show, from the rollups only.
+
+Reports group by the exact checkpoint (variant version) first and by slot second, so
+a hot-swap never mixes two checkpoints' figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import combinations
+
+from django.utils import timezone
+
+from experiments.models import Experiment
+from experiments.reports.figures import (
+    CheckpointStats,
+    SlotStats,
+    TimeSeries,
+    fill_figures,
+    timeseries,
+)
+from experiments.reports.filters import ReportFilters
+from experiments.reports.histogram import RELATIVE_ACCURACY
+from experiments.reports.statistics import Comparison, SrmResult, compare, sample_ratio_check
+from experiments.selectors import slot_histories
+
+
+@dataclass
+class ExperimentReport:
+    experiment: Experiment
+    #: The window as computed: moved out to whole minutes (``filters.widened``).
+    filters: ReportFilters
+    slots: list[SlotStats]
+    srm: SrmResult
+    comparisons: list[Comparison]
+    timeseries: TimeSeries
+    generated_at: datetime
+
+    @property
+    def checkpoints(self) -> list[CheckpointStats]:
+        return [c for slot in self.slots for c in slot.checkpoints]
+
+    @property
+    def total_requests(self) -> int:
+        return sum(slot.requests for slot in self.slots)
+
+    @property
+    def windowed(self) -> bool:
+        return self.filters.since is not None or self.filters.until is not None
+
+    @property
+    def notes(self) -> list[str]:
+        """What the figures mean where it is not obvious: on the page and in exports."""
+        notes = [
+            f"Percentiles come from log-bucket histograms, within {RELATIVE_ACCURACY:.0%} of "
+            "the exact value (linear interpolation, as PostgreSQL percentile_cont); counts, "
+            "sums, means and subjects are exact.",
+        ]
+        if self.filters.widened:
+            notes.append("The window was widened to whole minutes (rollups are per minute).")
+        hours = self.filters.histogram_window()
+        if self.windowed and (hours.since, hours.until) != (self.filters.since, self.filters.until):
+            span = " to ".join(
+                moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "now"
+                for moment in (hours.since, hours.until)
+            )
+            notes.append(
+                f"Percentiles cover the window widened to whole hours ({span}): histograms "
+                "are kept per hour."
+            )
+        if self.windowed:
+            notes.append(
+                "In a window, subjects, users and messages count those first seen in it; the "
+                "sample-ratio check counts each subject once, in the slot it was assigned to."
+            )
+        notes.append(
+            "Messages (distinct client request ids) are exact within a calendar month (UTC): "
+            "an id reused in another month counts again."
+        )
+        return notes
+
+
+def experiment_report(
+    experiment: Experiment, filters: ReportFilters | None = None
+) -> ExperimentReport:
+    filters = (filters or ReportFilters()).aligned()
+    now = timezone.now()
+    slots = [SlotStats.of(slot) for slot in slot_histories(experiment)]
+    by_version = {c.version_id: c for slot in slots for c in slot.checkpoints}
+    if by_version:
+        fill_figures(by_version, filters)
+    for slot in slots:
+        slot.distinct_subjects = sum(c.new_slot_subjects for c in slot.checkpoints)
+    total = sum(slot.distinct_subjects for slot in slots)
+    for slot in slots:
+        slot.observed_share = slot.distinct_subjects / total if total else None
+    checkpoints = list(by_version.values())
+    served = [c for c in checkpoints if c.requests]
+    return ExperimentReport(
+        experiment=experiment,
+        filters=filters,
+        slots=slots,
+        srm=sample_ratio_check(slots),
+        comparisons=[compare(a, b) for a, b in combinations(served, 2)],
+        timeseries=timeseries(checkpoints, filters, now),
+        generated_at=now,
+    )
