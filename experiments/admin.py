@@ -398,7 +398,7 @@ class ExperimentAdmin(admin.ModelAdmin):
 
     @admin.display(description="stats")
     def stats_link(self, experiment: Experiment) -> str:
-        url = reverse("experiments_experiment_stats", args=[experiment.pk])
+        url = reverse("admin:experiments_experiment_stats", args=[experiment.pk])
         return format_html('<a href="{}" class="mx-stats-link">Stats</a>', url)
 
     # --- permissions ----------------------------------------------------------------

@@ -275,7 +275,7 @@ def test_changelist_shows_requests_and_error_rate_of_the_last_day_and_a_stats_li
     busy = re.search(r"<tr>.*?Busy.*?</tr>", page, re.S)[0]
     assert '<td class="field-requests_last_day">4</td>' in busy
     assert '<td class="field-error_rate_last_day">25.0%</td>' in busy
-    stats = reverse("experiments_experiment_stats", args=[experiment.pk])
+    stats = reverse("admin:experiments_experiment_stats", args=[experiment.pk])
     assert f'href="{stats}" class="mx-stats-link"' in busy
     quiet = re.search(r"<tr>.*?Quiet.*?</tr>", page, re.S)[0]
     assert '<td class="field-requests_last_day">0</td>' in quiet
