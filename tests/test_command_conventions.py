@@ -228,10 +228,11 @@ def test_prompts_json_for_wipe_and_gc(local_store):  # noqa: F811
 
 
 def test_sync_experiment_cache_json_refusal(settings):
+    settings.REDIS_URL = "redis://127.0.0.1:9/0"  # the discard port: nothing listens
     settings.CACHES = {
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",
-            "LOCATION": "redis://127.0.0.1:9/0",  # the discard port: nothing listens
+            "LOCATION": settings.REDIS_URL,
             "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5},
         }
     }
