@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from django.core.cache import cache
 from django.db import connection
 
 from tests.faults import TcpProxy
-from tests.gateway_server import GatewayServer, server_env, test_database_url
+from tests.gateway_server import GatewayServer, test_database_url
 from tests.pytest_env import TEST_ENCRYPTION_KEY  # noqa: F401  (re-exported for tests)
 
 CANARY_API_KEY = "sk-canary-7f3c9a1e5b2d4c6a8e0f1a3b5c7d9e1f"
@@ -72,23 +72,16 @@ def database_proxy(tcp_proxy) -> TcpProxy:
 
 @pytest.fixture
 def start_gateway(
-    transactional_db, database_proxy: TcpProxy, tmp_path: Path
-) -> Iterator[Callable[..., GatewayServer]]:
+    gateway_process, database_proxy: TcpProxy, tmp_path: Path
+) -> Callable[..., GatewayServer]:
     """``start_gateway(**env)``: a gateway process reaching PostgreSQL through the proxy,
     spooling in one folder shared by every gateway the test starts (as on one host)."""
-    servers: list[GatewayServer] = []
 
     def start(**overrides: str) -> GatewayServer:
-        env = server_env(
-            tmp_path,
+        return gateway_process(
             DATABASE_URL=test_database_url(database_proxy.address),
             GATEWAY_SPOOL_DIR=str(tmp_path / "spool"),
             **overrides,
         )
-        server = GatewayServer(env, tmp_path / f"gateway-{len(servers)}.log")
-        servers.append(server)
-        return server
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start
