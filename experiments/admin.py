@@ -25,7 +25,7 @@ from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import unquote
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, F, OuterRef, Prefetch, Subquery, Sum, Window
+from django.db.models import Count
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -218,21 +218,8 @@ class VariantInline(admin.TabularInline):
         return fields
 
     def get_queryset(self, request):
-        checks = CheckpointCheck.objects.order_by("-checked_at", "-id")
-        history = (
-            VariantVersion.objects.select_related("created_by")
-            .prefetch_related(Prefetch("checks", queryset=checks, to_attr="recent_checks"))
-            .order_by("-effective_at", "-id")
-        )
-        current = VariantVersion.objects.filter(variant=OuterRef("pk")).effective_at()
         return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                current_version_id=Subquery(current.values("pk")[:1]),
-                total_weight=Window(Sum("weight"), partition_by=[F("experiment_id")]),
-            )
-            .prefetch_related(Prefetch("versions", queryset=history))
+            selectors.with_version_history(super().get_queryset(request))
             # Creation order for people; users are bucketed in id order, never shown.
             .order_by("created_at", "id")
         )

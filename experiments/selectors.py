@@ -16,11 +16,14 @@ from django.db.models import (
     BooleanField,
     Count,
     ExpressionWrapper,
+    F,
     OuterRef,
     Prefetch,
     Q,
     QuerySet,
     Subquery,
+    Sum,
+    Window,
 )
 from django.utils import timezone
 
@@ -211,12 +214,19 @@ def with_variant_counts(experiments: QuerySet[Experiment]) -> QuerySet[Experimen
 
 
 def with_version_history(variants: QuerySet[Variant]) -> QuerySet[Variant]:
-    """Slots with their version history (newest first, ``versions``) and
-    ``current_version_id``, in two queries for any number of slots."""
-    history = VariantVersion.objects.select_related("created_by").order_by("-effective_at", "-id")
+    """Slots with their version history (newest first, ``versions``, each with its
+    connection tests newest first in ``recent_checks``), ``current_version_id`` and the
+    experiment's ``total_weight``, in three queries for any number of slots."""
+    checks = CheckpointCheck.objects.order_by("-checked_at", "-id")
+    history = (
+        VariantVersion.objects.select_related("created_by")
+        .prefetch_related(Prefetch("checks", queryset=checks, to_attr="recent_checks"))
+        .order_by("-effective_at", "-id")
+    )
     current = VariantVersion.objects.filter(variant=OuterRef("pk")).effective_at()
     return variants.annotate(
-        current_version_id=Subquery(current.values("pk")[:1])
+        current_version_id=Subquery(current.values("pk")[:1]),
+        total_weight=Window(Sum("weight"), partition_by=[F("experiment_id")]),
     ).prefetch_related(Prefetch("versions", queryset=history))
 
 
