@@ -88,8 +88,9 @@ def service_user():
     return user
 
 
-def _record(*, obj: Model, by, action: int, message: str) -> None:
-    """Write an admin history entry (who and when) for ``obj``."""
+def record_history(*, obj: Model, by, action: int, message: str) -> None:
+    """Write an admin history entry (who and when) for ``obj``; without a user (an
+    operator command run without ``--by``) the service user ``manage.py`` is recorded."""
     actor = by if by is not None and getattr(by, "pk", None) else service_user()
     LogEntry.objects.create(
         user_id=actor.pk,
@@ -206,7 +207,9 @@ def create_experiment(
     )
     with transaction.atomic():
         experiment.save()
-        _record(obj=experiment, by=by, action=ADDITION, message="Created experiment (draft).")
+        record_history(
+            obj=experiment, by=by, action=ADDITION, message="Created experiment (draft)."
+        )
     return experiment
 
 
@@ -235,7 +238,7 @@ def update_experiment(
                 changed.append("public_model_id")
         if changed:
             exp.save(update_fields=[*changed, "updated_at"])
-            _record(obj=exp, by=by, action=CHANGE, message=f"Changed {', '.join(changed)}.")
+            record_history(obj=exp, by=by, action=CHANGE, message=f"Changed {', '.join(changed)}.")
     return exp
 
 
@@ -247,7 +250,7 @@ def delete_experiment(*, experiment: Experiment, by=None) -> None:
                 f"Cannot delete: experiment is {exp.status}. Only draft experiments can be "
                 "deleted; complete and archive it instead."
             )
-        _record(obj=exp, by=by, action=DELETION, message="Deleted draft experiment.")
+        record_history(obj=exp, by=by, action=DELETION, message="Deleted draft experiment.")
         _delete_versions(VariantVersion.with_ciphertext.filter(variant__experiment=exp))
         exp.delete()
 
@@ -282,7 +285,7 @@ def add_variant(*, experiment: Experiment, label: str, weight: Any, by=None) -> 
             raise InvalidInput(
                 f"A variant labelled {label!r} already exists.", field="label"
             ) from None
-        _record(
+        record_history(
             obj=exp, by=by, action=CHANGE, message=f"Added variant {label!r} (weight {weight})."
         )
     return variant
@@ -293,7 +296,7 @@ def remove_variant(*, variant: Variant, by=None) -> None:
         var = _locked_variant(variant)
         exp = _locked_experiment(var.experiment_id)
         _require_draft(exp, "remove a variant")
-        _record(obj=exp, by=by, action=CHANGE, message=f"Removed variant {var.label!r}.")
+        record_history(obj=exp, by=by, action=CHANGE, message=f"Removed variant {var.label!r}.")
         _delete_versions(VariantVersion.with_ciphertext.filter(variant=var))
         var.delete()
 
@@ -308,7 +311,7 @@ def set_variant_weight(*, variant: Variant, weight: Any, by=None) -> Variant:
             old = var.weight
             var.weight = weight
             var.save(update_fields=["weight", "updated_at"])
-            _record(
+            record_history(
                 obj=exp, by=by, action=CHANGE, message=f"Weight of {var.label!r}: {old} → {weight}."
             )
     return var
@@ -334,7 +337,9 @@ def rename_variant(*, variant: Variant, label: str, by=None) -> Variant:
             raise InvalidInput(
                 f"A variant labelled {label!r} already exists.", field="label"
             ) from None
-        _record(obj=exp, by=by, action=CHANGE, message=f"Relabelled variant {old!r} → {label!r}.")
+        record_history(
+            obj=exp, by=by, action=CHANGE, message=f"Relabelled variant {old!r} → {label!r}."
+        )
     return var
 
 
@@ -567,7 +572,7 @@ def hot_swap(
         version.save()
         _save_check(check, version)
         key_note = "new key" if api_key is not None else "key reused"
-        _record(
+        record_history(
             obj=exp,
             by=by,
             action=CHANGE,
@@ -609,7 +614,7 @@ def rotate_key(
         )
         version.save()
         _save_check(check, version)
-        _record(
+        record_history(
             obj=exp,
             by=by,
             action=CHANGE,
@@ -850,7 +855,7 @@ def activate(*, experiment: Experiment, by=None) -> Experiment:
             # unique index decided. Same message as the pre-check.
             raise ActivationConflict(_conflict_message(exp)) from None
         verb = "Activated" if previous == S.DRAFT else "Resumed"
-        _record(obj=exp, by=by, action=CHANGE, message=f"{verb} ({previous} → active).")
+        record_history(obj=exp, by=by, action=CHANGE, message=f"{verb} ({previous} → active).")
     return exp
 
 
@@ -865,7 +870,7 @@ def pause(*, experiment: Experiment, by=None) -> Experiment:
             )
         exp.status = S.PAUSED
         exp.save(update_fields=["status", "updated_at"])
-        _record(obj=exp, by=by, action=CHANGE, message="Paused (active → paused).")
+        record_history(obj=exp, by=by, action=CHANGE, message="Paused (active → paused).")
     return exp
 
 
@@ -883,7 +888,9 @@ def complete(*, experiment: Experiment, by=None) -> Experiment:
         exp.status = S.COMPLETED
         exp.ended_at = timezone.now()
         exp.save(update_fields=["status", "ended_at", "updated_at"])
-        _record(obj=exp, by=by, action=CHANGE, message=f"Completed ({previous} → completed).")
+        record_history(
+            obj=exp, by=by, action=CHANGE, message=f"Completed ({previous} → completed)."
+        )
     return exp
 
 
@@ -898,7 +905,7 @@ def archive(*, experiment: Experiment, by=None) -> Experiment:
             )
         exp.is_archived = True
         exp.save(update_fields=["is_archived", "updated_at"])
-        _record(obj=exp, by=by, action=CHANGE, message=f"Archived (status {exp.status}).")
+        record_history(obj=exp, by=by, action=CHANGE, message=f"Archived (status {exp.status}).")
     return exp
 
 
@@ -909,7 +916,7 @@ def unarchive(*, experiment: Experiment, by=None) -> Experiment:
             return exp
         exp.is_archived = False
         exp.save(update_fields=["is_archived", "updated_at"])
-        _record(obj=exp, by=by, action=CHANGE, message="Unarchived.")
+        record_history(obj=exp, by=by, action=CHANGE, message="Unarchived.")
     return exp
 
 
