@@ -30,7 +30,9 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
+from django.views.decorators.debug import sensitive_post_parameters
 
 from experiments import report_views, selectors, services
 from experiments.forms import (
@@ -893,6 +895,8 @@ class ExperimentAdmin(admin.ModelAdmin):
             form.show_service_error(error)
             return None, None
 
+    # Error reports of these pages (Django's, e.g. to ADMINS) never carry the typed key.
+    @method_decorator(sensitive_post_parameters("api_key"))
     def hot_swap_view(self, request, object_id: str, variant_id) -> HttpResponse:
         variant, refused = self._checkpoint_slot(
             request, object_id, variant_id, HOTSWAP_PERMISSION, "hot-swap"
@@ -940,6 +944,7 @@ class ExperimentAdmin(admin.ModelAdmin):
             candidate_check=candidate_check,
         )
 
+    @method_decorator(sensitive_post_parameters("api_key"))
     def rotate_key_view(self, request, object_id: str, variant_id) -> HttpResponse:
         variant, refused = self._checkpoint_slot(
             request, object_id, variant_id, ROTATE_KEY_PERMISSION, "rotate the key"

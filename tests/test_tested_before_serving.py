@@ -449,3 +449,30 @@ def test_swap_and_rotate_help_document_check_and_force(capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert "BEFORE inserting it; when the test fails nothing is inserted" in text
         assert "With --check:" in text and "even when the test fails" in text
+
+
+def exploding_checker(probe):
+    raise RuntimeError("the checker broke")
+
+
+@pytest.mark.parametrize("page", ["hot_swap", "rotate_key"])
+def test_an_error_report_of_a_checkpoint_page_masks_the_typed_key(
+    client, keyed_upstream, canary_key, settings, caplog, page
+):
+    from django.views.debug import ExceptionReporter
+
+    from tests.factories import SuperUserFactory
+
+    settings.CHECKPOINT_CHECKER = "tests.test_tested_before_serving.exploding_checker"
+    client.force_login(SuperUserFactory())
+    client.raise_request_exception = False
+    variant = serving_slot(keyed_upstream)
+    url = hot_swap_url(variant) if page == "hot_swap" else rotate_url(variant)
+    response = client.post(url, swap_form(keyed_upstream, canary_key, "_test"))
+    assert response.status_code == 500
+    [record] = [r for r in caplog.records if r.name == "django.request"]
+    report = ExceptionReporter(record.request, *record.exc_info).get_traceback_text()
+    assert "the checker broke" in report
+    assert "api_key" in report
+    assert canary_key not in report
+    assert_not_in_logs(caplog, canary_key)
