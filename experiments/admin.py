@@ -30,7 +30,9 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
+from django.views.decorators.debug import sensitive_post_parameters
 
 from experiments import report_views, selectors, services
 from experiments.forms import (
@@ -787,9 +789,14 @@ class ExperimentAdmin(admin.ModelAdmin):
         title: str,
         template: str,
         return_to: str,
+        *,
+        candidate_check: CheckpointCheck | None = None,
     ) -> HttpResponse:
         current = selectors.current_version(variant)
         context = {
+            # The result of testing the checkpoint in the form (not saved, no version).
+            "candidate_check": candidate_check,
+            "test_required": services.checkpoint_test_required(variant.experiment),
             **self.admin_site.each_context(request),
             "opts": self.opts,
             "title": title,
@@ -836,16 +843,6 @@ class ExperimentAdmin(admin.ModelAdmin):
         )
         return variant, self._back_to_experiment(variant)
 
-    def _test_after_saving(self, request, variant: Variant, version: VariantVersion, form) -> None:
-        if not form.cleaned_data.get("test_connection"):
-            return
-        try:
-            check = services.check_checkpoint(version=version, by=request.user)
-        except ExperimentError as error:
-            self.message_user(request, f"Not tested: {error.message}", messages.WARNING)
-        else:
-            self._report_check(request, variant, check)
-
     def _report_check(self, request, variant: Variant, check: CheckpointCheck) -> None:
         verdict = "passed" if check.ok else "failed"
         self.message_user(
@@ -854,6 +851,39 @@ class ExperimentAdmin(admin.ModelAdmin):
             messages.SUCCESS if check.ok else messages.ERROR,
         )
 
+    def _saved_message(self, request, text: str, version: VariantVersion, anyway: str) -> None:
+        """The success message, naming the test run before the insert (if one was)."""
+        check = selectors.latest_checks([version.pk]).get(version.pk)
+        if check is None:
+            self.message_user(request, f"{text}.", messages.SUCCESS)
+        elif check.ok:
+            self.message_user(
+                request, f"{text}; connection test passed ({check.summary}).", messages.SUCCESS
+            )
+        else:
+            self.message_user(
+                request,
+                f"{text} although its connection test failed ({check.summary}); "
+                f"{anyway} anyway as confirmed.",
+                messages.WARNING,
+            )
+
+    def _checkpoint_submit(self, request, form, *, check, save):
+        """Run the submitted button of a checkpoint page: "Test connection" tests the
+        unsaved checkpoint in the form; saving tests it first when it must. Returns the
+        saved version (or None) and the result of a test of the unsaved checkpoint."""
+        try:
+            if "_test" in request.POST:
+                return None, check()
+            return save(test=form.test_first, force=bool(form.cleaned_data.get("anyway"))), None
+        except services.CheckpointTestFailed as failed:
+            return None, failed.check
+        except ExperimentError as error:
+            form.show_service_error(error)
+            return None, None
+
+    # Error reports of these pages (Django's, e.g. to ADMINS) never carry the typed key.
+    @method_decorator(sensitive_post_parameters("api_key"))
     def hot_swap_view(self, request, object_id: str, variant_id) -> HttpResponse:
         variant, refused = self._checkpoint_slot(
             request, object_id, variant_id, HOTSWAP_PERMISSION, "hot-swap"
@@ -865,24 +895,29 @@ class ExperimentAdmin(admin.ModelAdmin):
             request.POST if request.method == "POST" else None,
             initial={"upstream": upstream_initial(current.upstream if current else None)},
             key_required=current is None,
+            test_required=services.checkpoint_test_required(variant.experiment),
         )
+        candidate_check = None
         if request.method == "POST" and form.is_valid():
-            try:
-                version = services.hot_swap(
-                    variant=variant,
-                    upstream=form.cleaned_data["upstream"],
-                    api_key=form.cleaned_data["api_key"] or None,
-                    by=request.user,
-                )
-            except ExperimentError as error:
-                form.show_service_error(error)
-            else:
-                self.message_user(
+            candidate = {
+                "variant": variant,
+                "upstream": form.cleaned_data["upstream"],
+                "api_key": form.cleaned_data["api_key"] or None,
+                "by": request.user,
+            }
+            version, candidate_check = self._checkpoint_submit(
+                request,
+                form,
+                check=lambda: services.check_hot_swap(**candidate),
+                save=lambda **test: services.hot_swap(**candidate, **test),
+            )
+            if version is not None:
+                self._saved_message(
                     request,
-                    f"Variant {variant.label!r} now serves {version.internal_id!r}.",
-                    messages.SUCCESS,
+                    f"Variant {variant.label!r} now serves {version.internal_id!r}",
+                    version,
+                    "swapped",
                 )
-                self._test_after_saving(request, variant, version, form)
                 return self._back_to_experiment(variant)
         if form.is_bound:
             form.redact_for_redisplay()
@@ -893,27 +928,37 @@ class ExperimentAdmin(admin.ModelAdmin):
             f"Hot-swap checkpoint: {variant.label}",
             "admin/experiments/experiment/hot_swap.html",
             "hot_swap",
+            candidate_check=candidate_check,
         )
 
+    @method_decorator(sensitive_post_parameters("api_key"))
     def rotate_key_view(self, request, object_id: str, variant_id) -> HttpResponse:
         variant, refused = self._checkpoint_slot(
             request, object_id, variant_id, ROTATE_KEY_PERMISSION, "rotate the key"
         )
         if refused:
             return refused
-        form = RotateKeyForm(request.POST if request.method == "POST" else None)
+        form = RotateKeyForm(
+            request.POST if request.method == "POST" else None,
+            test_required=services.checkpoint_test_required(variant.experiment),
+        )
+        candidate_check = None
         if request.method == "POST" and form.is_valid():
-            try:
-                version = services.rotate_key(
-                    variant=variant, api_key=form.cleaned_data["api_key"], by=request.user
+            candidate = {
+                "variant": variant,
+                "api_key": form.cleaned_data["api_key"],
+                "by": request.user,
+            }
+            version, candidate_check = self._checkpoint_submit(
+                request,
+                form,
+                check=lambda: services.check_rotation(**candidate),
+                save=lambda **test: services.rotate_key(**candidate, **test),
+            )
+            if version is not None:
+                self._saved_message(
+                    request, f"Rotated the key of variant {variant.label!r}", version, "rotated"
                 )
-            except ExperimentError as error:
-                form.show_service_error(error)
-            else:
-                self.message_user(
-                    request, f"Rotated the key of variant {variant.label!r}.", messages.SUCCESS
-                )
-                self._test_after_saving(request, variant, version, form)
                 return self._back_to_experiment(variant)
         return self._checkpoint_page(
             request,
@@ -922,6 +967,7 @@ class ExperimentAdmin(admin.ModelAdmin):
             f"Rotate key: {variant.label}",
             "admin/experiments/experiment/rotate_key.html",
             "rotate_key",
+            candidate_check=candidate_check,
         )
 
     def test_connection_view(self, request, object_id: str, variant_id) -> HttpResponse:

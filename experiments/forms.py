@@ -187,16 +187,42 @@ class ApiKeyField(forms.CharField):
         super().__init__(**kwargs)
 
 
-def _test_after_saving_field() -> forms.BooleanField:
-    return forms.BooleanField(
-        label="Test connection after saving",
+class CheckpointForm(forms.Form):
+    """What the hot-swap and rotate pages share: the key, the test before saving, and the
+    "anyway" confirmation offered once a test of the new checkpoint has failed."""
+
+    test_before_saving = forms.BooleanField(
+        label="Test connection before saving",
         required=False,
         initial=True,
-        help_text="Sends one small request to the new checkpoint and records the result.",
+        help_text="Sends one small request to the new checkpoint first; when it fails, "
+        "nothing is saved unless you confirm.",
     )
+    anyway = forms.BooleanField(required=False)
+
+    #: The confirmation's wording: "Swap anyway" / "Rotate anyway".
+    anyway_label = ""
+
+    def __init__(self, *args, test_required: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.test_required = test_required
+        if test_required:
+            # The experiment routes (or resumes routing): the test is not optional.
+            del self.fields["test_before_saving"]
+        self.fields["anyway"].label = self.anyway_label
+
+    @property
+    def test_first(self) -> bool:
+        return self.test_required or bool(self.cleaned_data.get("test_before_saving"))
+
+    def show_service_error(self, error: ExperimentError) -> None:
+        show_service_error(self, error)
 
 
-class HotSwapForm(forms.Form):
+class HotSwapForm(CheckpointForm):
+    anyway_label = "Swap anyway"
+    field_order = ["upstream", "api_key", "test_before_saving"]
+
     upstream = UpstreamEditorField(
         label="Upstream",
         help_text="Exactly the allowed fields; the partner key goes in the key field below.",
@@ -206,7 +232,6 @@ class HotSwapForm(forms.Form):
         required=False,
         help_text="Leave empty to keep the current key.",
     )
-    test_connection = _test_after_saving_field()
 
     def __init__(self, *args, key_required: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -219,7 +244,7 @@ class HotSwapForm(forms.Form):
         return editor_value_to_upstream(self.cleaned_data["upstream"])
 
     def show_service_error(self, error: ExperimentError) -> None:
-        show_service_error(self, error)
+        super().show_service_error(error)
         if isinstance(error, InvalidInput) and error.field == "upstream" and error.errors:
             self.refused_locations = set(error.errors)
             self.fields["upstream"].show_errors_in_editor(error.errors)
@@ -266,12 +291,11 @@ def _without_refused_or_key(value: Any, refused: set[str], key: str, where: str)
     return value
 
 
-class RotateKeyForm(forms.Form):
-    api_key = ApiKeyField(label="New partner API key", required=True)
-    test_connection = _test_after_saving_field()
+class RotateKeyForm(CheckpointForm):
+    anyway_label = "Rotate anyway"
+    field_order = ["api_key", "test_before_saving"]
 
-    def show_service_error(self, error: ExperimentError) -> None:
-        show_service_error(self, error)
+    api_key = ApiKeyField(label="New partner API key", required=True)
 
 
 def upstream_initial(upstream: dict[str, Any] | None) -> dict[str, Any]:

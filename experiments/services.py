@@ -10,7 +10,7 @@ is translated into the same domain error that the friendly pre-check raises.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -88,8 +88,9 @@ def service_user():
     return user
 
 
-def _record(*, obj: Model, by, action: int, message: str) -> None:
-    """Write an admin history entry (who and when) for ``obj``."""
+def record_history(*, obj: Model, by, action: int, message: str) -> None:
+    """Write an admin history entry (who and when) for ``obj``; without a user (an
+    operator command run without ``--by``) the service user ``manage.py`` is recorded."""
     actor = by if by is not None and getattr(by, "pk", None) else service_user()
     LogEntry.objects.create(
         user_id=actor.pk,
@@ -206,7 +207,9 @@ def create_experiment(
     )
     with transaction.atomic():
         experiment.save()
-        _record(obj=experiment, by=by, action=ADDITION, message="Created experiment (draft).")
+        record_history(
+            obj=experiment, by=by, action=ADDITION, message="Created experiment (draft)."
+        )
     return experiment
 
 
@@ -235,7 +238,7 @@ def update_experiment(
                 changed.append("public_model_id")
         if changed:
             exp.save(update_fields=[*changed, "updated_at"])
-            _record(obj=exp, by=by, action=CHANGE, message=f"Changed {', '.join(changed)}.")
+            record_history(obj=exp, by=by, action=CHANGE, message=f"Changed {', '.join(changed)}.")
     return exp
 
 
@@ -247,7 +250,7 @@ def delete_experiment(*, experiment: Experiment, by=None) -> None:
                 f"Cannot delete: experiment is {exp.status}. Only draft experiments can be "
                 "deleted; complete and archive it instead."
             )
-        _record(obj=exp, by=by, action=DELETION, message="Deleted draft experiment.")
+        record_history(obj=exp, by=by, action=DELETION, message="Deleted draft experiment.")
         _delete_versions(VariantVersion.with_ciphertext.filter(variant__experiment=exp))
         exp.delete()
 
@@ -282,7 +285,7 @@ def add_variant(*, experiment: Experiment, label: str, weight: Any, by=None) -> 
             raise InvalidInput(
                 f"A variant labelled {label!r} already exists.", field="label"
             ) from None
-        _record(
+        record_history(
             obj=exp, by=by, action=CHANGE, message=f"Added variant {label!r} (weight {weight})."
         )
     return variant
@@ -293,7 +296,7 @@ def remove_variant(*, variant: Variant, by=None) -> None:
         var = _locked_variant(variant)
         exp = _locked_experiment(var.experiment_id)
         _require_draft(exp, "remove a variant")
-        _record(obj=exp, by=by, action=CHANGE, message=f"Removed variant {var.label!r}.")
+        record_history(obj=exp, by=by, action=CHANGE, message=f"Removed variant {var.label!r}.")
         _delete_versions(VariantVersion.with_ciphertext.filter(variant=var))
         var.delete()
 
@@ -308,7 +311,7 @@ def set_variant_weight(*, variant: Variant, weight: Any, by=None) -> Variant:
             old = var.weight
             var.weight = weight
             var.save(update_fields=["weight", "updated_at"])
-            _record(
+            record_history(
                 obj=exp, by=by, action=CHANGE, message=f"Weight of {var.label!r}: {old} → {weight}."
             )
     return var
@@ -334,7 +337,9 @@ def rename_variant(*, variant: Variant, label: str, by=None) -> Variant:
             raise InvalidInput(
                 f"A variant labelled {label!r} already exists.", field="label"
             ) from None
-        _record(obj=exp, by=by, action=CHANGE, message=f"Relabelled variant {old!r} → {label!r}.")
+        record_history(
+            obj=exp, by=by, action=CHANGE, message=f"Relabelled variant {old!r} → {label!r}."
+        )
     return var
 
 
@@ -383,35 +388,174 @@ def _clean_api_key(api_key: str | None) -> str | None:
     return key
 
 
-def hot_swap(
-    *, variant: Variant, upstream: Any, api_key: str | None = None, by=None
-) -> VariantVersion:
-    """Insert a new checkpoint into a slot. Without a key the previous ciphertext is reused."""
+def checkpoint_test_required(experiment: Experiment) -> bool:
+    """A checkpoint going into an experiment that routes (or resumes routing) is tested
+    before it is inserted; in a draft, testing is the staff's choice."""
+    return experiment.status in ROUTING_STATUSES
+
+
+class CheckpointTestFailed(ExperimentError):
+    """A new checkpoint failed its connection test, so nothing was inserted.
+
+    ``check`` is the (unsaved) result: status, latency, blinded reason; never the key.
+    """
+
+    def __init__(self, message: str, *, check: CheckpointCheck):
+        super().__init__(message)
+        self.check = check
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A checkpoint about to be inserted into a slot: what a test and the insert share."""
+
+    variant: Variant
+    upstream: dict[str, Any]
+    #: A newly typed key; None: the ciphertext of ``reused`` is carried over.
+    api_key: str | None = field(repr=False)
+    reused: VariantVersion | None
+
+
+def _latest_version(var: Variant, *, with_ciphertext: bool = False) -> VariantVersion | None:
+    manager = VariantVersion.with_ciphertext if with_ciphertext else VariantVersion.objects
+    return manager.filter(variant=var).order_by("-effective_at", "-id").first()
+
+
+def _key_source(var: Variant) -> VariantVersion | None:
+    """The version whose ciphertext a hot-swap without a new key carries over."""
+    return current_version(var, with_ciphertext=True) or _latest_version(var, with_ciphertext=True)
+
+
+def _valid_upstream(upstream: Any) -> dict[str, Any]:
     try:
-        config = validate_upstream(upstream)
+        return validate_upstream(upstream)
     except UpstreamInvalid as exc:
         raise InvalidInput(
             f"Invalid upstream: {exc}", field="upstream", errors=exc.errors
         ) from None
+
+
+def _hot_swap_candidate(variant: Variant | Any, upstream: Any, api_key: str | None) -> _Candidate:
+    config = _valid_upstream(upstream)
     api_key = _clean_api_key(api_key)
+    var = _existing_variant(variant)
+    if not var.experiment.checkpoints_editable:
+        raise StructureLocked(f"Cannot hot-swap: experiment is {var.experiment.status}.")
+    reused = None if api_key is not None else _key_source(var)
+    if api_key is None and reused is None:
+        raise InvalidInput(
+            "An API key is required: this variant has no checkpoint yet.", field="api_key"
+        )
+    return _Candidate(var, config, api_key, reused)
+
+
+def _rotation_candidate(variant: Variant | Any, api_key: str | None) -> _Candidate:
+    api_key = _clean_api_key(api_key)
+    if api_key is None:
+        raise InvalidInput("A new API key is required to rotate.", field="api_key")
+    var = _existing_variant(variant)
+    if not var.experiment.checkpoints_editable:
+        raise StructureLocked(f"Cannot rotate the key: experiment is {var.experiment.status}.")
+    latest = _latest_version(var)
+    if latest is None:
+        raise InvalidInput(
+            "This variant has no checkpoint yet; hot-swap one in first.", field="api_key"
+        )
+    return _Candidate(var, latest.upstream, api_key, None)
+
+
+def _existing_variant(variant: Variant | Any) -> Variant:
+    pk = variant.pk if isinstance(variant, Variant) else variant
+    var = Variant.objects.select_related("experiment").filter(pk=pk).first()
+    if var is None:
+        raise ExperimentError(f"No variant matches '{pk}'.")
+    return var
+
+
+def _test_candidate(candidate: _Candidate, by) -> CheckpointCheck:
+    """Send the candidate's one test request; the result, not yet saved (it has no version)."""
+    if candidate.api_key is not None:
+        outcome = _probe(candidate.variant.experiment, candidate.upstream, candidate.api_key)
+    else:
+        outcome = _probe_envelope(
+            candidate.variant.experiment, candidate.upstream, candidate.reused.encrypted_api_key
+        )
+    return _check_row(outcome, by)
+
+
+def check_hot_swap(*, variant: Variant, upstream: Any, api_key: str | None = None, by=None):
+    """Test a checkpoint before it is hot-swapped in: the new upstream with the typed key,
+    or with the slot's current key when none is typed. Saves nothing; returns the result
+    as an unsaved ``CheckpointCheck``."""
+    return _test_candidate(_hot_swap_candidate(variant, upstream, api_key), by)
+
+
+def check_rotation(*, variant: Variant, api_key: str, by=None) -> CheckpointCheck:
+    """Test a new key before it is rotated in: the slot's latest upstream with it. Saves
+    nothing; returns the result as an unsaved ``CheckpointCheck``."""
+    return _test_candidate(_rotation_candidate(variant, api_key), by)
+
+
+def _tested_first(candidate: _Candidate, *, test: bool, force: bool, by):
+    """The candidate's test result when asked for; refuses when it failed, unless forced."""
+    if not test:
+        return None
+    check = _test_candidate(candidate, by)
+    if not check.ok and not force:
+        raise CheckpointTestFailed(
+            f"Nothing was saved: the connection test of the new checkpoint failed "
+            f"({check.summary}).",
+            check=check,
+        )
+    return check
+
+
+def _tested_note(check: CheckpointCheck | None, anyway: str) -> str:
+    if check is None:
+        return ""
+    if check.ok:
+        return f"; connection test passed ({check.summary})"
+    return f"; connection test failed ({check.summary}), {anyway} anyway"
+
+
+def hot_swap(
+    *,
+    variant: Variant,
+    upstream: Any,
+    api_key: str | None = None,
+    by=None,
+    test: bool = False,
+    force: bool = False,
+) -> VariantVersion:
+    """Insert a new checkpoint into a slot. Without a key the previous ciphertext is reused.
+
+    With ``test`` the checkpoint is tested first (no transaction is held while the partner
+    answers); when the test fails nothing is inserted (``CheckpointTestFailed``) unless
+    ``force``. The result is stored against the new version.
+    """
+    candidate = _hot_swap_candidate(variant, upstream, api_key)
     # Refuse before touching anything when the server cannot encrypt.
     try:
         crypto.check_key()
     except crypto.EncryptionKeyError as exc:
         raise EncryptionUnavailable(str(exc)) from None
+    check = _tested_first(candidate, test=test, force=force, by=by)
+    config, api_key = candidate.upstream, candidate.api_key
     with transaction.atomic():
-        var = _locked_variant(variant)
+        var = _locked_variant(candidate.variant)
         exp = var.experiment
         if not exp.checkpoints_editable:
             raise StructureLocked(f"Cannot hot-swap: experiment is {exp.status}.")
-        previous = current_version(var, with_ciphertext=True) or (
-            VariantVersion.with_ciphertext.filter(variant=var)
-            .order_by("-effective_at", "-id")
-            .first()
-        )
+        previous = _key_source(var)
         if api_key is not None:
             envelope, fingerprint = _encrypt(api_key), crypto.key_fingerprint()
         elif previous is not None:
+            if check is not None and previous.pk != candidate.reused.pk:
+                # The key tested is no longer the key that would be carried over.
+                raise ExperimentError(
+                    f"Nothing was saved: slot {var.label!r} changed while its new checkpoint "
+                    "was tested; try again."
+                )
             envelope, fingerprint = previous.encrypted_api_key, _fingerprint_of(previous)
         else:
             raise InvalidInput(
@@ -426,46 +570,63 @@ def hot_swap(
             created_by=_actor(by),
         )
         version.save()
+        _save_check(check, version)
         key_note = "new key" if api_key is not None else "key reused"
-        _record(
+        record_history(
             obj=exp,
             by=by,
             action=CHANGE,
-            message=f"Hot-swapped variant {var.label!r} to {config['internal_id']!r} ({key_note}).",
+            message=f"Hot-swapped variant {var.label!r} to {config['internal_id']!r} "
+            f"({key_note}{_tested_note(check, 'swapped')}).",
         )
     return version
 
 
-def rotate_key(*, variant: Variant, api_key: str, by=None) -> VariantVersion:
-    """A hot-swap that copies the latest upstream and takes a new key."""
-    api_key = _clean_api_key(api_key)
-    if api_key is None:
-        raise InvalidInput("A new API key is required to rotate.", field="api_key")
+def rotate_key(
+    *, variant: Variant, api_key: str, by=None, test: bool = False, force: bool = False
+) -> VariantVersion:
+    """A hot-swap that copies the latest upstream and takes a new key (tested first with
+    ``test``, as in ``hot_swap``)."""
+    candidate = _rotation_candidate(variant, api_key)
     try:
         crypto.check_key()
     except crypto.EncryptionKeyError as exc:
         raise EncryptionUnavailable(str(exc)) from None
+    check = _tested_first(candidate, test=test, force=force, by=by)
     with transaction.atomic():
-        var = _locked_variant(variant)
+        var = _locked_variant(candidate.variant)
         exp = var.experiment
         if not exp.checkpoints_editable:
             raise StructureLocked(f"Cannot rotate the key: experiment is {exp.status}.")
-        latest = VariantVersion.objects.filter(variant=var).order_by("-effective_at", "-id").first()
-        if latest is None:
-            raise InvalidInput(
-                "This variant has no checkpoint yet; hot-swap one in first.", field="api_key"
+        latest = _latest_version(var)
+        if check is not None and latest.upstream != candidate.upstream:
+            raise ExperimentError(
+                f"Nothing was saved: slot {var.label!r} changed while the new key was tested; "
+                "try again."
             )
         version = VariantVersion(
             variant=var,
             upstream=latest.upstream,
-            encrypted_api_key=_encrypt(api_key),
+            encrypted_api_key=_encrypt(candidate.api_key),
             key_fingerprint=crypto.key_fingerprint(),
             effective_at=_next_effective_at(var),
             created_by=_actor(by),
         )
         version.save()
-        _record(obj=exp, by=by, action=CHANGE, message=f"Rotated the key of variant {var.label!r}.")
+        _save_check(check, version)
+        record_history(
+            obj=exp,
+            by=by,
+            action=CHANGE,
+            message=f"Rotated the key of variant {var.label!r}{_tested_note(check, 'rotated')}.",
+        )
     return version
+
+
+def _save_check(check: CheckpointCheck | None, version: VariantVersion) -> None:
+    if check is not None:
+        check.version = version
+        check.save()
 
 
 # --- lifecycle ---------------------------------------------------------------
@@ -694,7 +855,7 @@ def activate(*, experiment: Experiment, by=None) -> Experiment:
             # unique index decided. Same message as the pre-check.
             raise ActivationConflict(_conflict_message(exp)) from None
         verb = "Activated" if previous == S.DRAFT else "Resumed"
-        _record(obj=exp, by=by, action=CHANGE, message=f"{verb} ({previous} → active).")
+        record_history(obj=exp, by=by, action=CHANGE, message=f"{verb} ({previous} → active).")
     return exp
 
 
@@ -709,7 +870,7 @@ def pause(*, experiment: Experiment, by=None) -> Experiment:
             )
         exp.status = S.PAUSED
         exp.save(update_fields=["status", "updated_at"])
-        _record(obj=exp, by=by, action=CHANGE, message="Paused (active → paused).")
+        record_history(obj=exp, by=by, action=CHANGE, message="Paused (active → paused).")
     return exp
 
 
@@ -727,7 +888,9 @@ def complete(*, experiment: Experiment, by=None) -> Experiment:
         exp.status = S.COMPLETED
         exp.ended_at = timezone.now()
         exp.save(update_fields=["status", "ended_at", "updated_at"])
-        _record(obj=exp, by=by, action=CHANGE, message=f"Completed ({previous} → completed).")
+        record_history(
+            obj=exp, by=by, action=CHANGE, message=f"Completed ({previous} → completed)."
+        )
     return exp
 
 
@@ -742,7 +905,7 @@ def archive(*, experiment: Experiment, by=None) -> Experiment:
             )
         exp.is_archived = True
         exp.save(update_fields=["is_archived", "updated_at"])
-        _record(obj=exp, by=by, action=CHANGE, message=f"Archived (status {exp.status}).")
+        record_history(obj=exp, by=by, action=CHANGE, message=f"Archived (status {exp.status}).")
     return exp
 
 
@@ -753,7 +916,7 @@ def unarchive(*, experiment: Experiment, by=None) -> Experiment:
             return exp
         exp.is_archived = False
         exp.save(update_fields=["is_archived", "updated_at"])
-        _record(obj=exp, by=by, action=CHANGE, message="Unarchived.")
+        record_history(obj=exp, by=by, action=CHANGE, message="Unarchived.")
     return exp
 
 
@@ -770,6 +933,42 @@ TRANSITIONS = {
 # --- connection tests ---------------------------------------------------------
 
 
+def _probe(experiment: Experiment, upstream: dict[str, Any], api_key: str) -> CheckOutcome:
+    checker = import_string(settings.CHECKPOINT_CHECKER)
+    return checker(
+        CheckpointProbe(
+            public_model_id=experiment.public_model_id, upstream=upstream, api_key=api_key
+        )
+    )
+
+
+def _probe_envelope(experiment: Experiment, upstream: dict[str, Any], envelope) -> CheckOutcome:
+    """Test with a stored (encrypted) key; one that cannot be opened here fails the test."""
+    try:
+        api_key = crypto.decrypt_api_key(envelope)
+    except crypto.EncryptionKeyError as exc:
+        raise EncryptionUnavailable(str(exc)) from None
+    except crypto.DecryptionError:
+        return CheckOutcome(
+            ok=False,
+            status_code=None,
+            latency_ms=None,
+            reason=f"its partner key cannot be decrypted with the key in use here "
+            f"({_key_in_use()}); a gateway with this key answers 503",
+        )
+    return _probe(experiment, upstream, api_key)
+
+
+def _check_row(outcome: CheckOutcome, by) -> CheckpointCheck:
+    return CheckpointCheck(
+        ok=outcome.ok,
+        status_code=outcome.status_code,
+        latency_ms=outcome.latency_ms,
+        reason=outcome.reason[:2000],
+        checked_by=_actor(by),
+    )
+
+
 def check_checkpoint(*, version: VariantVersion | Any, by=None) -> CheckpointCheck:
     """Send one small request to a checkpoint and record the outcome against its version.
 
@@ -781,35 +980,11 @@ def check_checkpoint(*, version: VariantVersion | Any, by=None) -> CheckpointChe
     row = VariantVersion.with_ciphertext.select_related("variant__experiment").filter(pk=pk).first()
     if row is None:
         raise ExperimentError(f"No checkpoint version matches '{pk}'.")
-    try:
-        api_key = crypto.decrypt_api_key(row.encrypted_api_key)
-    except crypto.EncryptionKeyError as exc:
-        raise EncryptionUnavailable(str(exc)) from None
-    except crypto.DecryptionError:
-        outcome = CheckOutcome(
-            ok=False,
-            status_code=None,
-            latency_ms=None,
-            reason=f"its partner key cannot be decrypted with the key in use here "
-            f"({_key_in_use()}); a gateway with this key answers 503",
-        )
-    else:
-        checker = import_string(settings.CHECKPOINT_CHECKER)
-        outcome = checker(
-            CheckpointProbe(
-                public_model_id=row.variant.experiment.public_model_id,
-                upstream=row.upstream,
-                api_key=api_key,
-            )
-        )
-    return CheckpointCheck.objects.create(
-        version_id=row.pk,
-        ok=outcome.ok,
-        status_code=outcome.status_code,
-        latency_ms=outcome.latency_ms,
-        reason=outcome.reason[:2000],
-        checked_by=_actor(by),
+    check = _check_row(
+        _probe_envelope(row.variant.experiment, row.upstream, row.encrypted_api_key), by
     )
+    _save_check(check, row)
+    return check
 
 
 def check_slot(*, variant: Variant | Any, by=None) -> CheckpointCheck:

@@ -66,7 +66,9 @@ class GatewayTokenAdmin(admin.ModelAdmin):
         if request.method == "POST" and form.is_valid():
             try:
                 row, plaintext = create_token(
-                    user=form.cleaned_data["user"], name=form.cleaned_data["name"]
+                    user=form.cleaned_data["user"],
+                    name=form.cleaned_data["name"],
+                    by=request.user,
                 )
             except TokenError as refused:
                 form.add_error(None, str(refused))
@@ -99,7 +101,7 @@ class GatewayTokenAdmin(admin.ModelAdmin):
             raise PermissionDenied
         detail = reverse("admin:gateway_gatewaytoken_change", args=[token.pk])
         if request.method == "POST":
-            revoke_token(token=token)
+            revoke_token(token=token, by=request.user)
             self.message_user(request, f"Revoked token {token}.", messages.SUCCESS)
             return HttpResponseRedirect(detail)
         context = {
@@ -115,5 +117,5 @@ class GatewayTokenAdmin(admin.ModelAdmin):
     def revoke(self, request, queryset) -> None:
         tokens = list(queryset.filter(revoked_at__isnull=True))
         for token in tokens:
-            revoke_token(token=token)
+            revoke_token(token=token, by=request.user)
         self.message_user(request, f"Revoked {len(tokens)} token(s).", messages.SUCCESS)

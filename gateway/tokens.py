@@ -7,10 +7,13 @@ import hashlib
 import secrets
 import uuid
 
+from django.contrib.admin.models import ADDITION, CHANGE
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from experiments.services import record_history
 from gateway.models import GatewayToken
 
 TOKEN_PREFIX = "mxg_"  # noqa: S105 (a marker, not a secret)
@@ -26,30 +29,51 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def create_token(*, user, name: str = "") -> tuple[GatewayToken, str]:
-    """Issue a token for a user. Returns the row and the plaintext (shown once, never stored)."""
+def create_token(*, user, name: str = "", by=None) -> tuple[GatewayToken, str]:
+    """Issue a token for a user. Returns the row and the plaintext (shown once, never stored).
+
+    The admin history records who issued it (``by``; the service user for a command run
+    without ``--by``), naming the token by its visible prefix only.
+    """
     if not user.is_active:
         raise TokenError(f"User {user.get_username()!r} is inactive; a token would not work.")
     name = name.strip()
     if len(name) > GatewayToken._meta.get_field("name").max_length:
         raise TokenError("The token name is too long (at most 100 characters).")
     plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    row = GatewayToken.objects.create(
-        user=user,
-        name=name,
-        token_prefix=plaintext[:VISIBLE_PREFIX_LENGTH],
-        token_sha256=hash_token(plaintext),
-    )
+    with transaction.atomic():
+        row = GatewayToken.objects.create(
+            user=user,
+            name=name,
+            token_prefix=plaintext[:VISIBLE_PREFIX_LENGTH],
+            token_sha256=hash_token(plaintext),
+        )
+        named = f" named {name!r}" if name else ""
+        record_history(
+            obj=row,
+            by=by,
+            action=ADDITION,
+            message=f"Created gateway token {row.token_prefix}…{named} for "
+            f"{user.get_username()!r}.",
+        )
     return row, plaintext
 
 
-def revoke_token(*, token: GatewayToken) -> GatewayToken:
+def revoke_token(*, token: GatewayToken, by=None) -> GatewayToken:
     """Revoke a token (a no-op when it already is). Workers stop accepting it within
-    ``GATEWAY_TOKEN_CACHE_TTL_SECONDS``."""
-    GatewayToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
-        revoked_at=timezone.now()
-    )
-    token.refresh_from_db(fields=["revoked_at"])
+    ``GATEWAY_TOKEN_CACHE_TTL_SECONDS``. A revocation is recorded in the admin history."""
+    with transaction.atomic():
+        revoked = GatewayToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
+        token.refresh_from_db(fields=["revoked_at"])
+        if revoked:
+            record_history(
+                obj=token,
+                by=by,
+                action=CHANGE,
+                message=f"Revoked gateway token {token.token_prefix}….",
+            )
     return token
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+import httpx
 import pytest
 from django.urls import reverse
 
@@ -13,6 +15,8 @@ from gateway.models import GatewayToken
 from gateway.tokens import hash_token
 from tests.browser import chromium_page, screenshot
 from tests.factories import SuperUserFactory, UserFactory
+from tests.gateway_server import requires_server, wait_until
+from tests.gateway_support import active_experiment, expected_variant_id
 from tests.upstream import PARTNER_API_KEY
 
 # pytest-django's live server and playwright's sync API share the test thread.
@@ -54,7 +58,7 @@ def hot_swap_through_editor(
     fill_upstream_editor(page, internal_id, base_url)
     page.fill("#id_api_key", key)
     if not test:
-        page.uncheck("#id_test_connection")
+        page.uncheck("#id_test_before_saving")
     if shot:
         screenshot(page, shot)
     page.click("input[name=_save]")
@@ -198,3 +202,77 @@ def test_staff_creates_copies_and_revokes_a_gateway_token_in_the_browser(live_se
 
     token.refresh_from_db()
     assert token.revoked_at is not None
+
+
+@requires_server
+def test_a_wrong_key_is_caught_before_it_serves_in_an_active_experiment(
+    live_server, gateway, keyed_upstream, canary_key, caplog
+):
+    """Staff type a wrong key on hot-swap in an active experiment: the test fails before
+    anything is inserted and the slot keeps serving (database and gateway agree); with the
+    right key the swap goes through, its test shown in the version history."""
+    caplog.set_level(logging.DEBUG)
+    SuperUserFactory(username="operator")
+    experiment = active_experiment(keyed_upstream, api_key=PARTNER_API_KEY)
+    machine = {"x-kilocode-machineid": "m-swap-in-browser"}
+    slot = experiment.variants.get(
+        pk=expected_variant_id(experiment, "machine", machine["x-kilocode-machineid"])
+    )
+    old = services.current_version(slot).internal_id
+
+    def served() -> str:
+        response = httpx.post(
+            gateway.base_url + "/chat/completions",
+            json={
+                "model": experiment.public_model_id,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+            headers=machine,
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        return keyed_upstream.received[-1]["json"]["model"]
+
+    assert wait_until(lambda: served() == old, timeout=10)
+    base = live_server.url
+    with chromium_page() as page:
+        log_in(page, base, "operator")
+        page.goto(base + reverse("admin:experiments_experiment_change", args=[experiment.pk]))
+        slot_row(page, slot.label).locator("a.mx-hot-swap-link").click()
+        assert "tested before it is saved" in page.inner_text(".mx-test-required")
+        fill_upstream_editor(page, "rc-new", keyed_upstream.base_url)
+        page.fill("#id_api_key", canary_key)
+        page.click("input[name=_save]")
+        failed = page.inner_text(".mx-candidate-check")
+        assert "Connection test of the new checkpoint failed: HTTP 401" in failed
+        assert "Nothing was saved." in failed
+        assert page.locator("#id_anyway").is_visible()
+        assert canary_key not in page.content()
+        assert page.input_value("#id_api_key") == ""
+        screenshot(page, "hot-swap-wrong-key-refused")
+
+        # Nothing changed: the database and the running gateway still serve the old one.
+        assert services.current_version(slot).internal_id == old
+        assert not slot.versions.filter(upstream__internal_id="rc-new").exists()
+        assert served() == old
+
+        # The right key: tested first with the button (nothing saved), then swapped.
+        page.fill("#id_api_key", PARTNER_API_KEY)
+        page.click("input[name=_test]")
+        assert "passed" in page.inner_text(".mx-candidate-check")
+        assert services.current_version(slot).internal_id == old
+        screenshot(page, "hot-swap-right-key-tested")
+        page.fill("#id_api_key", PARTNER_API_KEY)
+        page.click("input[name=_save]")
+        page.wait_for_selector("ul.messagelist")
+        assert "now serves 'rc-new'; connection test passed (HTTP 200" in page.inner_text(
+            "ul.messagelist"
+        )
+        current = slot_row(page, slot.label).locator("tr.mx-current-version").inner_text()
+        assert "rc-new" in current and "✓ HTTP 200" in current
+        assert canary_key not in page.content() and PARTNER_API_KEY not in page.content()
+        screenshot(page, "hot-swap-tested-in-history")
+
+    assert wait_until(lambda: served() == "rc-new", timeout=10)
+    assert canary_key not in gateway.log()
+    assert canary_key not in caplog.text

@@ -228,26 +228,6 @@ def test_the_checklist_shows_the_failed_test_and_activation_asks_to_confirm(
     assert experiment.status == S.ACTIVE
 
 
-def test_hot_swap_tests_the_new_checkpoint_after_saving(admin_client, keyed_upstream):
-    variant = slot_on(keyed_upstream)
-    response = admin_client.post(
-        hot_swap_url(variant),
-        {
-            "upstream": json.dumps(upstream_config("rc-new", keyed_upstream.base_url)),
-            "api_key": "sk-wrong",
-            "test_connection": "on",
-        },
-        follow=True,
-    )
-    new = services.current_version(variant)
-    assert new.internal_id == "rc-new"
-    assert [(c.ok, c.status_code) for c in CheckpointCheck.objects.filter(version=new)] == [
-        (False, 401)
-    ]
-    assert any("connection test failed" in m for m in messages_of(response))
-    assert "sk-wrong" not in response.content.decode()
-
-
 def test_the_version_history_shows_each_versions_last_test(admin_client, keyed_upstream):
     variant = slot_on(keyed_upstream)
     services.check_slot(variant=variant)
@@ -290,17 +270,6 @@ def test_check_command_fails_with_exit_status_1_and_the_reason(keyed_upstream, c
     assert payload["ok"] is False
     assert (payload["check"]["ok"], payload["check"]["status_code"]) == (False, 401)
     assert canary_key not in out.getvalue()
-
-
-def test_swap_with_check_swaps_then_tests_the_new_checkpoint(keyed_upstream, tmp_path):
-    variant = slot_on(keyed_upstream)
-    path = tmp_path / "upstream.json"
-    path.write_text(json.dumps(upstream_config("rc-swapped", keyed_upstream.base_url)))
-    out, _ = run("swap", str(variant.pk), "--upstream-file", str(path), "--check", "--json")
-    payload = json.loads(out)
-    assert payload["ok"] is True
-    assert payload["check"]["ok"] is True
-    assert payload["check"]["version_id"] == payload["version"]["id"]
 
 
 def test_activate_command_warns_on_stderr_about_a_failed_test(keyed_upstream, canary_key):

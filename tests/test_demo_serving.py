@@ -2,7 +2,9 @@
 demo upstream, started together and stopped together.
 
 The demo runs in a subprocess against its own database (a scratch PostgreSQL database when
-DATABASE_URL is PostgreSQL, else an SQLite file), as `bash .ci/demo` would run it.
+DATABASE_URL is PostgreSQL, else an SQLite file), as `bash .ci/demo` would run it, from a
+fresh copy of the checkout: only the files git tracks (with their working-tree contents), so
+nothing ignored or untracked (var/, collected static files, keys) helps it pass.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +30,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = "demo: ready"
 STARTUP_TIMEOUT_SECONDS = 180
+
+
+def fresh_checkout(target: Path) -> Path:
+    """What a fresh clone holds: the tracked files, copied as they are in the working tree
+    (so local edits are tested, unlike a ``git clone`` of HEAD)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():  # a tracked file deleted in the working tree is not copied
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
 
 
 def free_port() -> int:
@@ -69,7 +86,9 @@ def scratch_database(tmp_path: Path) -> Iterator[str]:
 
 
 class DemoProcess:
-    def __init__(self, env: dict[str, str], port: int, upstream_port: int, state_dir: Path):
+    def __init__(
+        self, root: Path, env: dict[str, str], port: int, upstream_port: int, state_dir: Path
+    ):
         self.port = port
         self.upstream_port = upstream_port
         #: A directory of the test's own, outside the project, to run printed snippets in.
@@ -80,7 +99,7 @@ class DemoProcess:
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "demo", "--port", str(port)]
             + ["--upstream-port", str(upstream_port), "--state-dir", str(state_dir)],
-            cwd=ROOT,
+            cwd=root,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -116,6 +135,7 @@ class DemoProcess:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Iterator[DemoProcess]:
     tmp_path = tmp_path_factory.mktemp("demo")
+    root = fresh_checkout(tmp_path / "checkout")
     with scratch_database(tmp_path) as database_url:
         env = {
             **os.environ,
@@ -130,11 +150,11 @@ def demo(tmp_path_factory) -> Iterator[DemoProcess]:
         env.pop("TEST_DATABASE_NAME", None)
         subprocess.run(
             [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-            cwd=ROOT,
+            cwd=root,
             env=env,
             check=True,
         )
-        process = DemoProcess(env, free_port(), free_port(), tmp_path / "var")
+        process = DemoProcess(root, env, free_port(), free_port(), tmp_path / "var")
         try:
             process.wait_ready()
             yield process

@@ -101,3 +101,40 @@ def test_a_viewer_can_neither_add_nor_revoke(client):
     token.refresh_from_db()
     assert token.revoked_at is None
     assert GatewayToken.objects.count() == 1
+
+
+def test_adding_and_revoking_in_the_admin_are_in_the_tokens_history_without_the_token(
+    admin_client,
+):
+    from django.contrib.admin.models import LogEntry
+
+    dana = UserFactory(username="dana")
+    plaintext = shown_token(admin_client.post(reverse(ADD), {"user": dana.pk, "name": "ci"}))
+    token = GatewayToken.objects.get()
+    admin_client.post(revoke_url(token))
+    entries = LogEntry.objects.filter(object_id=str(token.pk)).order_by("action_time", "id")
+    assert [(e.user.username, e.change_message) for e in entries] == [
+        ("admin", f"Created gateway token {token.token_prefix}… named 'ci' for 'dana'."),
+        ("admin", f"Revoked gateway token {token.token_prefix}…."),
+    ]
+    history = admin_client.get(
+        reverse("admin:gateway_gatewaytoken_history", args=[token.pk])
+    ).content.decode()
+    assert f"Created gateway token {token.token_prefix}" in history
+    assert "Revoked gateway token" in history
+    assert plaintext not in history and token.token_sha256 not in history
+    assert plaintext not in " ".join(f"{e.object_repr} {e.change_message}" for e in entries)
+
+
+def test_revoking_with_the_bulk_action_is_recorded_per_token(admin_client):
+    from django.contrib.admin.models import LogEntry
+
+    tokens = [create_token(user=UserFactory(username=f"u{n}"))[0] for n in range(2)]
+    admin_client.post(
+        reverse("admin:gateway_gatewaytoken_changelist"),
+        {"action": "revoke", "_selected_action": [str(token.pk) for token in tokens]},
+    )
+    for token in tokens:
+        assert LogEntry.objects.filter(
+            object_id=str(token.pk), change_message__startswith="Revoked", user__username="admin"
+        ).exists()

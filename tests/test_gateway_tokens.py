@@ -88,3 +88,61 @@ def test_admin_revoke_action(client):
     )
     row.refresh_from_db()
     assert row.revoked_at is not None
+
+
+# --- the admin history (who issued and revoked which token; never the token) ---------------
+
+
+def _history(token: GatewayToken) -> list[tuple[str, str, int]]:
+    from django.contrib.admin.models import LogEntry
+    from django.contrib.contenttypes.models import ContentType
+
+    entries = LogEntry.objects.filter(
+        content_type=ContentType.objects.get_for_model(GatewayToken), object_id=str(token.pk)
+    ).order_by("action_time", "id")
+    return [
+        (entry.user.get_username(), entry.change_message, entry.action_flag) for entry in entries
+    ]
+
+
+@pytest.mark.django_db
+def test_create_and_revoke_by_command_are_recorded_for_the_service_user():
+    from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
+
+    UserFactory(username="dana")
+    plaintext = _run("create", "dana", "--name", "laptop").strip().splitlines()[-1]
+    token = GatewayToken.objects.get()
+    _run("revoke", token.token_prefix)
+    _run("revoke", token.token_prefix)  # already revoked: nothing more to record
+    assert _history(token) == [
+        (
+            "manage.py",
+            f"Created gateway token {token.token_prefix}… named 'laptop' for 'dana'.",
+            ADDITION,
+        ),
+        ("manage.py", f"Revoked gateway token {token.token_prefix}….", CHANGE),
+    ]
+    stored = " ".join(
+        f"{entry.object_repr} {entry.change_message}" for entry in LogEntry.objects.all()
+    )
+    assert plaintext not in stored
+    assert plaintext[len(token.token_prefix) :][:8] not in stored
+    assert token.token_sha256 not in stored
+
+
+@pytest.mark.django_db
+def test_by_names_the_operator_in_the_history():
+    SuperUserFactory(username="olga")
+    UserFactory(username="dana")
+    _run("create", "dana", "--by", "olga")
+    token = GatewayToken.objects.get()
+    _run("revoke", str(token.pk), "--by", "olga", "--json")
+    assert [who for who, _, _ in _history(token)] == ["olga", "olga"]
+
+
+@pytest.mark.django_db
+def test_an_unknown_by_user_is_refused_and_nothing_is_created():
+    UserFactory(username="dana")
+    with pytest.raises(CommandError, match="No user matches 'ghost' \\(--by\\)."):
+        _run("create", "dana", "--by", "ghost")
+    assert GatewayToken.objects.count() == 0

@@ -205,11 +205,19 @@ class Command(JsonCommand):
             metavar="VAR",
             help="Environment variable holding the new key (prompted for when omitted).",
         )
-        for command in (swap, rotate):
+        for command, verb in ((swap, "swap"), (rotate, "rotate")):
             command.add_argument(
                 "--check",
                 action="store_true",
-                help="Then test the new checkpoint (exit status 1 when the test fails).",
+                help="Test the new checkpoint with one small request BEFORE inserting it; "
+                "when the test fails nothing is inserted and the exit status is 1. The result "
+                "is recorded with the new version.",
+            )
+            command.add_argument(
+                "--force",
+                action="store_true",
+                help=f"With --check: {verb} even when the test fails (a WARNING names the "
+                "failure, the failed result is recorded with the new version, exit status 0).",
             )
         add(
             "check",
@@ -492,12 +500,15 @@ class Command(JsonCommand):
             )
         else:
             api_key = None  # the service reuses the previous ciphertext, or refuses
-        version = self._call(
-            services.hot_swap, variant=variant, upstream=upstream, api_key=api_key, by=self.actor
+        version = self._insert(
+            services.hot_swap,
+            options,
+            variant=variant,
+            upstream=upstream,
+            api_key=api_key,
+            by=self.actor,
         )
-        self._emit_version(
-            "Hot-swapped", variant, version, new_key=api_key is not None, check=options["check"]
-        )
+        self._emit_version("Hot-swapped", variant, version, new_key=api_key is not None)
 
     def _cmd_rotate_key(self, options: dict[str, Any]) -> None:
         variant = self._variant(options["variant_id"])
@@ -509,10 +520,10 @@ class Command(JsonCommand):
             raise CommandError(
                 "rotate-key needs a key: pass --api-key-env VAR or run it in a terminal."
             )
-        version = self._call(services.rotate_key, variant=variant, api_key=api_key, by=self.actor)
-        self._emit_version(
-            "Rotated the key of", variant, version, new_key=True, check=options["check"]
+        version = self._insert(
+            services.rotate_key, options, variant=variant, api_key=api_key, by=self.actor
         )
+        self._emit_version("Rotated the key of", variant, version, new_key=True)
 
     def _cmd_check(self, options: dict[str, Any]) -> None:
         variant = self._variant(options["variant_id"])
@@ -530,8 +541,31 @@ class Command(JsonCommand):
             raise CommandRefusal(f"{subject} failed: {check.summary}.", payload)
         return f"{subject} passed: {check.summary}.", payload
 
+    def _insert(self, service: Callable[..., VariantVersion], options: dict[str, Any], **kwargs):
+        """Insert a checkpoint, tested first with --check; a failed test inserts nothing
+        (exit status 1) unless --force."""
+        variant = kwargs["variant"]
+        if options["force"] and not options["check"]:
+            raise CommandError("--force only applies with --check: nothing is tested without it.")
+        if not options["check"] and services.checkpoint_test_required(variant.experiment):
+            self.stderr.write(
+                "WARNING: the new checkpoint goes untested into an experiment that is "
+                f"{variant.experiment.status}; pass --check to test it before it is inserted."
+            )
+        try:
+            return service(**kwargs, test=options["check"], force=options["force"])
+        except services.CheckpointTestFailed as failed:
+            check = failed.check
+            raise CommandRefusal(
+                f"Connection test of the new checkpoint for slot {variant.label!r} failed: "
+                f"{check.summary}. Nothing was inserted (--force inserts it anyway).",
+                {"version": None, "check": {"version_id": None, **_check_json(check)}},
+            ) from None
+        except services.ExperimentError as exc:
+            raise CommandError(_one_line(exc.message)) from None
+
     def _emit_version(
-        self, verb: str, variant: Variant, version: VariantVersion, *, new_key: bool, check: bool
+        self, verb: str, variant: Variant, version: VariantVersion, *, new_key: bool
     ) -> None:
         checkpoint = {
             "id": str(version.pk),
@@ -547,17 +581,18 @@ class Command(JsonCommand):
             f"{'replaced' if new_key else 'kept'}."
         ]
         payload: dict[str, Any] = {"version": checkpoint}
-        if check:
-            tested = self._call(services.check_checkpoint, version=version, by=self.actor)
-            try:
-                line, result = self._check_result(variant, tested)
-            except CommandRefusal as failed:
-                # The new checkpoint is in place (and serving if the experiment is active).
-                raise CommandRefusal(
-                    f"{lines[0]} {failed}", {**payload, **failed.payload}
-                ) from None
-            lines.append(line)
-            payload.update(result)
+        check = selectors.latest_checks([version.pk]).get(version.pk)
+        if check is not None:
+            subject = f"Connection test of the new checkpoint ({version.internal_id})"
+            if check.ok:
+                lines.append(f"{subject} passed before it was inserted: {check.summary}.")
+            else:
+                # --force: inserted on purpose despite the failure, which is said, not hidden.
+                self.stderr.write(
+                    f"WARNING: {subject} failed: {_one_line(check.summary)}; inserted anyway "
+                    "(--force)."
+                )
+            payload["check"] = {"version_id": str(version.pk), **_check_json(check)}
         self.emit(lines, payload)
 
     @staticmethod

@@ -41,7 +41,8 @@ def token_json(token: GatewayToken) -> dict[str, Any]:
 
 class Command(JsonCommand):
     help = (
-        "Manage gateway tokens: create USERNAME [--name N] | list [--user U] | revoke ID_OR_PREFIX"
+        "Manage gateway tokens: create USERNAME [--name N] | list [--user U] | revoke "
+        "ID_OR_PREFIX. Create and revoke are recorded in the admin history (--by USERNAME)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -55,6 +56,13 @@ class Command(JsonCommand):
         revoke.add_argument("token")
         for subparser in (create, listing, revoke):
             add_json_option(subparser, after_subcommand=True)
+        for subparser in (create, revoke):
+            subparser.add_argument(
+                "--by",
+                metavar="USERNAME",
+                help="Record this user in the admin history (default: the service user "
+                "'manage.py').",
+            )
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         try:
@@ -62,8 +70,20 @@ class Command(JsonCommand):
         except TokenError as exc:
             raise CommandError(str(exc)) from None
 
+    @staticmethod
+    def _actor(options: dict[str, Any]):
+        """The user ``--by`` names (None: the service user is recorded)."""
+        if options.get("by") is None:
+            return None
+        try:
+            return token_user(options["by"])
+        except TokenError:
+            raise TokenError(f"No user matches {options['by']!r} (--by).") from None
+
     def _create(self, options: dict[str, Any]) -> None:
-        row, plaintext = create_token(user=token_user(options["username"]), name=options["name"])
+        row, plaintext = create_token(
+            user=token_user(options["username"]), name=options["name"], by=self._actor(options)
+        )
         self.emit(
             [
                 f"Created token {row.token_prefix}… (id {row.pk}) for {row.user.username}. "
@@ -93,8 +113,9 @@ class Command(JsonCommand):
 
     def _revoke(self, options: dict[str, Any]) -> None:
         token = find_token(options["token"])
+        actor = self._actor(options)
         already = token.revoked_at is not None
-        revoke_token(token=token)
+        revoke_token(token=token, by=actor)
         self.emit(
             f"Token {token.token_prefix}… of {token.user.username} was already revoked."
             if already
