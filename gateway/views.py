@@ -479,6 +479,17 @@ def read_feedback_body(request) -> dict[str, Any]:
     return body
 
 
+def _store_feedback(item, user_id: int | None):
+    try:
+        (stored,) = record_feedback([item], source=FeedbackSource.API, submitted_by_id=user_id)
+    except DatabaseError:
+        # A connection that failed is not asked again: the next feedback reconnects.
+        with contextlib.suppress(Exception):
+            connection.close()
+        raise
+    return stored
+
+
 @csrf_exempt
 @allow_methods("POST")
 async def feedback(request) -> HttpResponse:
@@ -500,9 +511,7 @@ async def feedback(request) -> HttpResponse:
     try:
         # The request thread, as the token check uses: a database that cannot be reached
         # fails within the connect timeout (settings), and then answers 503.
-        (stored,) = await sync_to_async(record_feedback)(
-            [item], source=FeedbackSource.API, submitted_by_id=user_id
-        )
+        stored = await sync_to_async(_store_feedback)(item, user_id)
     except DatabaseError as exc:
         logger.warning("feedback not stored: database unavailable (%s)", type(exc).__name__)
         return errors.unavailable(
