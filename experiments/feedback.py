@@ -316,10 +316,12 @@ def rejoin(*, since: datetime | None = None) -> tuple[int, int]:
         page = queryset
         if last is not None:
             page = page.filter(created_at__gte=last[0]).exclude(created_at=last[0], id__lte=last[1])
-        rows = list(page[:_CHUNK])
-        if not rows:
-            break
         with transaction.atomic():
+            # Locked before the attribution rows are read: a writer joining one of these
+            # rows meanwhile has committed by then, so its better join is seen, not undone.
+            rows = list(page.select_for_update(of=("self",))[:_CHUNK])
+            if not rows:
+                break
             best = served_by([row.client_request_id for row in rows])
             changed += _apply(rows, best)
         looked += len(rows)
