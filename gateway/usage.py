@@ -4,7 +4,9 @@
 its last byte leaves: it appends the record's JSON line to this process's spool segment
 (``gateway.spool``; one ``os.write``, a few µs) and queues it for the writer thread. The
 thread captures the prompt blob and inserts batches of ``gateway_usage`` and
-``model_experiment_request`` rows (same ``created_at``).
+``model_experiment_request`` rows (same ``created_at``), adds them to the rollups and joins
+feedback that was waiting for them (``experiments.feedback.join_landed``), all in one
+transaction; every ``FEEDBACK_SWEEP_SECONDS`` it also rejoins the last minutes' feedback.
 
 Exactly once by identity: a record's usage id is assigned when it is created and every
 insert is ``ON CONFLICT DO NOTHING``, so replaying a segment after a crash, or retrying a
