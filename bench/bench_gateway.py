@@ -1,6 +1,6 @@
 """Gateway vs direct, both against the same local demo upstream, on loopback.
 
-Run from the repository root:  python bench/bench_gateway.py  [--quick]
+Run from the repository root:  python bench/bench_gateway.py  [--quick] [--request-ids]
 
 Starts the demo upstream and the gateway (uvicorn, one worker) as real servers, then measures
 side by side: non-streaming at concurrency 1 and 32 (added median and p99 latency, requests
@@ -8,6 +8,8 @@ per second, gateway CPU ms per request including the usage + attribution writes)
 streaming (added time to first byte, added delay per relayed chunk). Direct and gateway runs
 alternate in rounds so drift from other load on the machine hits both alike.
 Targets: added median <= 2 ms at concurrency 1; gateway CPU <= 2 ms per request.
+``--request-ids``: every gateway request carries its own ``X-Kilo-Request`` (the usage writer
+then also joins waiting feedback for each batch: one more statement a batch).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 from bench_environment import (
@@ -85,10 +88,14 @@ def wait_for_usage_rows(expected: int) -> None:
 
 
 class Bench:
-    def __init__(self, gateway_port: int, upstream_port: int, gateway_pid: int) -> None:
+    def __init__(
+        self, gateway_port: int, upstream_port: int, gateway_pid: int, request_ids: bool = False
+    ) -> None:
         self.gateway_port = gateway_port
         self.upstream_port = upstream_port
         self.gateway_pid = gateway_pid
+        self.request_ids = request_ids
+        self.run_id = uuid.uuid4().hex[:12]
 
     def request(self, target: str, extra: dict | None = None):
         extra = extra or {}
@@ -96,7 +103,10 @@ class Bench:
 
             def make(index: int):
                 body = {"model": BENCH_PUBLIC_MODEL_ID, "messages": MESSAGES, **extra}
-                return body, {"X-KiloCode-MachineId": f"bench-machine-{index % 512}"}
+                headers = {"X-KiloCode-MachineId": f"bench-machine-{index % 512}"}
+                if self.request_ids:
+                    headers["X-Kilo-Request"] = f"bench-{self.run_id}-{index}"
+                return body, headers
 
             return self.gateway_port, make
         # Direct: what the gateway itself sends, to the checkpoint of variant "a".
@@ -289,12 +299,20 @@ async def run(bench: Bench, quick: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="A quarter of the requests.")
-    quick = parser.parse_args().quick
+    parser.add_argument(
+        "--request-ids",
+        action="store_true",
+        help="Send an X-Kilo-Request id with every gateway request (feedback joins run).",
+    )
+    arguments = parser.parse_args()
+    quick = arguments.quick
     env = configure_environment()
     progress("preparing the bench database (mx_bench) and Redis DB")
     create_database()
     setup_django()
-    text = serve_and_measure(env, lambda *servers: run(Bench(*servers), quick))
+    text = serve_and_measure(
+        env, lambda *servers: run(Bench(*servers, request_ids=arguments.request_ids), quick)
+    )
     print()
     print(text)
 

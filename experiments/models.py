@@ -640,3 +640,86 @@ class CheckpointMessage(FirstSeen):
 
     def __str__(self) -> str:
         return f"{self.variant_version_id} {self.message_hash} ({self.month:%Y-%m})"
+
+
+# --- feedback (SPEC §12) ------------------------------------------------------------
+
+
+class FeedbackRating(models.TextChoices):
+    UP = "up", "Thumbs up"
+    DOWN = "down", "Thumbs down"
+
+
+class FeedbackSource(models.TextChoices):
+    API = "api", "POST /v1/feedback"
+    CSV = "csv", "CSV upload"
+
+
+class Feedback(models.Model):
+    """What a user said about the answer to one client request id (``X-Kilo-Request``).
+
+    Joined to the checkpoint that served that request (``experiments.feedback``): at
+    insert when the attribution row is already there, else by the usage writer when it
+    lands (same transaction), and again by ``rollups rebuild``. Several attribution rows
+    for one id (retries): the latest successful one serves, else the latest; the
+    ``request_*`` columns record which, so every path applies the same rule. Unjoined
+    feedback is kept and counts nowhere. Never holds an IP.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    client_request_id = models.TextField()
+    rating = models.CharField(max_length=8, choices=FeedbackRating.choices)
+    comment = models.TextField(blank=True, default="")
+    source = models.CharField(max_length=8, choices=FeedbackSource.choices)
+    submitted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    #: The checkpoint that served the request; null until its attribution row lands.
+    variant_version = models.ForeignKey(
+        VariantVersion,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="feedback",
+    )
+    #: The joined attribution row (no foreign key: raw rows are dropped by retention
+    #: while the join stays), its time and whether it succeeded.
+    request_usage_id = models.UUIDField(null=True, blank=True)
+    request_created_at = models.DateTimeField(null=True, blank=True)
+    request_allocation_subject = models.CharField(
+        max_length=16, choices=AllocationSubject.choices, null=True, blank=True
+    )
+    request_ok = models.BooleanField(null=True, blank=True)
+
+    class Meta:
+        db_table = "model_experiment_feedback"
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["client_request_id"], name="mx_feedback_client_request_id"),
+            # Reports: per checkpoint, by the served request's time.
+            models.Index(
+                fields=["variant_version", "request_created_at"],
+                include=["rating"],
+                name="mx_feedback_version_time",
+            ),
+            # The writers' sweep of recent feedback.
+            models.Index(fields=["created_at"], name="mx_feedback_created"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(rating__in=[r.value for r in FeedbackRating]),
+                name="model_experiment_feedback_rating_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(source__in=[s.value for s in FeedbackSource]),
+                name="model_experiment_feedback_source_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rating} on {self.client_request_id}"

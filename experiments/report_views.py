@@ -1,4 +1,4 @@
-"""Admin pages over the read side: stats, request browser, request detail, feedback join.
+"""Admin pages over the read side: stats, request browser, request detail, feedback.
 
 Thin views: figures come from ``experiments.reports``. ``ExperimentAdmin.get_urls``
 registers them under the ``admin:`` namespace, wrapped in the admin site's
@@ -17,16 +17,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.contrib.admin import ModelAdmin
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils import timezone
 
+from experiments.feedback import FeedbackItem, check_feedback, record_feedback
 from experiments.models import (
     PROMPT_HASH_DELETED,
     PROMPT_HASH_FAILED,
     AllocationSubject,
     Experiment,
+    FeedbackSource,
 )
 from experiments.prompts.store import get_prompt_store
 from experiments.reports import charts
@@ -40,7 +43,7 @@ from experiments.reports.filters import (
 )
 from experiments.reports.report import experiment_report
 from experiments.reports.statistics import SRM_THRESHOLD
-from experiments.selectors import slot_histories
+from experiments.selectors import slot_histories, version_labels
 
 #: Prompts are user content: seeing an experiment's results does not imply reading them.
 PROMPT_PERMISSION = "experiments.view_prompt"
@@ -53,6 +56,11 @@ WINDOWS = {
 }
 FEEDBACK_MAX_IDS = 5000
 FEEDBACK_MAX_UPLOAD_BYTES = 2 * 1024 * 1024
+#: Storing feedback is a write: Django's "add" permission of the Feedback model.
+FEEDBACK_ADD_PERMISSION = "experiments.add_feedback"
+FEEDBACK_REQUIRED_COLUMNS = ("client_request_id", "rating")
+#: Problems listed on the page at most (all rows are checked; the rest are counted).
+FEEDBACK_MAX_LISTED_PROBLEMS = 50
 
 
 def _context(
@@ -69,7 +77,7 @@ def _context(
             ("Stats", reverse("admin:experiments_experiment_stats", args=[experiment.pk])),
             ("Requests", reverse("admin:experiments_experiment_requests", args=[experiment.pk])),
             (
-                "Feedback join",
+                "Feedback",
                 reverse("admin:experiments_experiment_feedback", args=[experiment.pk]),
             ),
         ],
@@ -319,12 +327,169 @@ def _feedback_ids(request: HttpRequest) -> list[str]:
     return unique
 
 
+class FeedbackUploadError(ValueError):
+    """Problems with an uploaded feedback file, each safe to show, with line numbers."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _read_csv_text(upload) -> str:
+    if upload.size > FEEDBACK_MAX_UPLOAD_BYTES:
+        raise FeedbackUploadError(
+            [f"The file is larger than {FEEDBACK_MAX_UPLOAD_BYTES // (1024 * 1024)} MiB."]
+        )
+    try:
+        text = upload.read().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise FeedbackUploadError(["The file is not UTF-8 text; upload a CSV file."]) from None
+    if "\x00" in text:
+        raise FeedbackUploadError(["The file is not a CSV file (it contains binary data)."])
+    return text
+
+
+def _comment_with_extras(comment: str, extras: list[tuple[str, str]]) -> str:
+    """The comment, then each extra column's non-empty value as ``name: value``."""
+    lines = [f"{name}: {value}" for name, value in extras if value.strip()]
+    return "\n".join([comment, *lines] if comment else lines)
+
+
+def feedback_items_from_csv(upload) -> list[FeedbackItem]:
+    """Every row of a feedback CSV (header ``client_request_id,rating[,comment][,…]``),
+    checked; raises FeedbackUploadError naming every bad row by its line."""
+    text = _read_csv_text(upload)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    items: list[FeedbackItem] = []
+    problems: list[str] = []
+    line = 1
+    try:
+        for row in reader:
+            row_line, line = line, reader.line_num + 1
+            if not any(cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [cell.strip().lower() for cell in row]
+                missing = [c for c in FEEDBACK_REQUIRED_COLUMNS if c not in header]
+                if missing:
+                    raise FeedbackUploadError(
+                        [
+                            f"Line {row_line}: the header must name the columns "
+                            "client_request_id and rating (and may name comment and any "
+                            f"others); {' and '.join(missing)} is missing. Found: "
+                            f"{', '.join(header) or 'nothing'}."
+                        ]
+                    )
+                repeated = sorted({c for c in header if c and header.count(c) > 1})
+                if repeated or "" in header:
+                    raise FeedbackUploadError(
+                        [
+                            f"Line {row_line}: every header column needs a distinct name"
+                            + (f" ({', '.join(repeated)} repeated)." if repeated else ".")
+                        ]
+                    )
+                continue
+            if len(row) > len(header):
+                problems.append(
+                    f"Line {row_line}: {len(row)} values but the header names {len(header)} "
+                    "columns."
+                )
+                continue
+            cells = dict(zip(header, [*row, *[""] * (len(header) - len(row))], strict=True))
+            extras = [
+                (name, cells[name])
+                for name in header
+                if name not in ("client_request_id", "rating", "comment")
+            ]
+            item, wrong = check_feedback(
+                cells["client_request_id"],
+                cells["rating"],
+                _comment_with_extras(cells.get("comment", ""), extras),
+            )
+            problems += [f"Line {row_line}: {problem}" for problem in wrong]
+            items.append(item)
+    except csv.Error as exc:
+        problem = f"Line {line}: the CSV file could not be read ({exc})."
+        raise FeedbackUploadError([problem]) from None
+    if header is None:
+        raise FeedbackUploadError(["The CSV file is empty."])
+    if problems:
+        raise FeedbackUploadError(problems)
+    if not items:
+        raise FeedbackUploadError(["The CSV file has a header but no feedback rows."])
+    if len(items) > FEEDBACK_MAX_IDS:
+        raise FeedbackUploadError([f"At most {FEEDBACK_MAX_IDS:,} feedback rows at a time."])
+    return items
+
+
+@dataclass
+class StoredFeedback:
+    client_request_id: str
+    rating: str
+    comment: str
+    #: "joined" (this experiment), "elsewhere" (another experiment's request), "pending"
+    state: str
+    slot_label: str = ""
+    internal_id: str = ""
+
+
+def _upload_feedback(request: HttpRequest, experiment: Experiment, context: dict) -> HttpResponse:
+    if not request.user.has_perm(FEEDBACK_ADD_PERMISSION):
+        raise PermissionDenied
+    template = "admin/experiments/experiment/feedback.html"
+    try:
+        items = feedback_items_from_csv(request.FILES["feedback_csv"])
+    except FeedbackUploadError as exc:
+        listed = exc.problems[:FEEDBACK_MAX_LISTED_PROBLEMS]
+        more = len(exc.problems) - len(listed)
+        context.update(
+            upload_problems=listed,
+            upload_more_problems=more,
+            error=(
+                f"Nothing was stored: {len(exc.problems)} problem"
+                f"{'s' if len(exc.problems) != 1 else ''} in the file. Fix "
+                f"{'them' if len(exc.problems) != 1 else 'it'} and upload the file again."
+            ),
+        )
+        return render(request, template, context, status=400)
+    stored = record_feedback(items, source=FeedbackSource.CSV, submitted_by_id=request.user.pk)
+    labels = version_labels(experiment)
+    rows = []
+    for row in stored:
+        if row.variant_version_id in labels:
+            _, slot_label, internal_id = labels[row.variant_version_id]
+            state = "joined"
+        else:
+            slot_label = internal_id = ""
+            state = "elsewhere" if row.variant_version_id else "pending"
+        rows.append(
+            StoredFeedback(
+                row.client_request_id, row.rating, row.comment, state, slot_label, internal_id
+            )
+        )
+    context.update(
+        stored=rows,
+        stored_joined=sum(1 for r in rows if r.state == "joined"),
+        stored_elsewhere=sum(1 for r in rows if r.state == "elsewhere"),
+        stored_pending=sum(1 for r in rows if r.state == "pending"),
+    )
+    return render(request, template, context)
+
+
 def experiment_feedback(
     request: HttpRequest, model_admin: ModelAdmin, experiment: Experiment
 ) -> HttpResponse:
     context = _context(
-        request, model_admin, experiment, "Feedback join", pasted=request.POST.get("ids", "")
+        request,
+        model_admin,
+        experiment,
+        "Feedback",
+        pasted=request.POST.get("ids", ""),
+        can_upload=request.user.has_perm(FEEDBACK_ADD_PERMISSION),
     )
+    if request.method == "POST" and "feedback_csv" in request.FILES:
+        return _upload_feedback(request, experiment, context)
     if request.method == "POST":
         try:
             ids = _feedback_ids(request)

@@ -159,7 +159,7 @@ def unknown_endpoint() -> GatewayError:
     return GatewayError(
         404,
         "Unknown endpoint. This gateway serves POST /v1/chat/completions, POST /v1/responses, "
-        "POST /v1/messages and GET /v1/models.",
+        "POST /v1/messages, POST /v1/feedback and GET /v1/models.",
         error_type="invalid_request_error",
         code="unknown_endpoint",
     )

@@ -9,6 +9,7 @@ urlpatterns = [
     path("v1/responses", views.responses, name="responses"),
     path("v1/messages", views.messages, name="messages"),
     path("v1/models", views.models, name="models"),
+    path("v1/feedback", views.feedback, name="feedback"),
     # Last: every other path under /v1/ answers in the OpenAI error shape.
     re_path(r"^v1/", views.unknown_endpoint, name="unknown-endpoint"),
 ]

@@ -4,7 +4,9 @@
 its last byte leaves: it appends the record's JSON line to this process's spool segment
 (``gateway.spool``; one ``os.write``, a few µs) and queues it for the writer thread. The
 thread captures the prompt blob and inserts batches of ``gateway_usage`` and
-``model_experiment_request`` rows (same ``created_at``).
+``model_experiment_request`` rows (same ``created_at``), adds them to the rollups and joins
+feedback that was waiting for them (``experiments.feedback.join_landed``), all in one
+transaction; every ``FEEDBACK_SWEEP_SECONDS`` it also rejoins the last minutes' feedback.
 
 Exactly once by identity: a record's usage id is assigned when it is created and every
 insert is ``ON CONFLICT DO NOTHING``, so replaying a segment after a crash, or retrying a
@@ -39,6 +41,7 @@ import psycopg
 from django.conf import settings
 from django.db import DataError, Error, IntegrityError, connection, transaction
 
+from experiments.feedback import join_landed, rejoin_recent
 from experiments.models import PROMPT_HASH_FAILED, USAGE_MEASURES, ExperimentRequest
 from experiments.prompts.store import capture_prompt
 from experiments.reports.rollups import record_requests
@@ -58,6 +61,9 @@ HOUSEKEEPING_SECONDS = 0.25
 SPOOL_SCAN_SECONDS = 1.0
 #: Look for segments of dead processes this often.
 ADOPT_SECONDS = 2.0
+#: Rejoin recent feedback this often (experiments.feedback.rejoin_recent): closes the race
+#: of feedback committed at the same moment as its attribution row.
+FEEDBACK_SWEEP_SECONDS = 2.0
 #: Start a new segment past this size (or a quarter of the spool's budget, if smaller):
 #: bounds what one replay reads and re-inserts, and lets written records leave the budget.
 SEGMENT_ROTATE_BYTES = 1024 * 1024
@@ -283,6 +289,9 @@ def _insert(batch: list[RecordRows]) -> list[RecordRows]:
             # Same transaction, and only the rows that were new: a replayed record that
             # was already written is not counted again.
             record_requests(attributions)
+            # Feedback that arrived before these rows joins them now (one statement, and
+            # only when a row carries a client request id).
+            join_landed(attributions)
     return [r for r in batch if r.usage["id"] in inserted]
 
 
@@ -410,7 +419,7 @@ class UsageWriter:
         self._backoff = RETRY_MIN_SECONDS
         self._backlog = False
         self._stop_deadline = 0.0
-        self._next_scan = self._next_adopt = 0.0
+        self._next_scan = self._next_adopt = self._next_feedback_sweep = 0.0
 
     @property
     def accepting(self) -> bool:
@@ -433,7 +442,7 @@ class UsageWriter:
                 spool.open()
                 self._spool = spool
                 self._retry_at, self._backoff, self._backlog = None, RETRY_MIN_SECONDS, False
-                self._next_scan = self._next_adopt = 0.0
+                self._next_scan = self._next_adopt = self._next_feedback_sweep = 0.0
                 self._thread = threading.Thread(
                     target=self._run, name="gateway-usage-writer", daemon=True
                 )
@@ -608,7 +617,18 @@ class UsageWriter:
         if now >= self._next_adopt:
             spool.adopt_orphans()
             self._next_adopt = now + ADOPT_SECONDS
+        if now >= self._next_feedback_sweep:
+            self._next_feedback_sweep = now + FEEDBACK_SWEEP_SECONDS
+            self._sweep_feedback()
         self._replay_next()
+
+    @staticmethod
+    def _sweep_feedback() -> None:
+        try:
+            rejoin_recent()
+        except Exception as exc:
+            # The next sweep tries again; the records' own path is unaffected.
+            logger.warning("feedback sweep failed (%s)", type(exc).__name__)
 
     def _replayable(self) -> Segment | None:
         spool = self._spool

@@ -19,12 +19,13 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from experiments.models import RequestKind
+from experiments.feedback import check_feedback, record_feedback
+from experiments.models import FeedbackSource, RequestKind
 from gateway import auth, errors
 from gateway.blinding import Blinder, TokenUsage, client_headers
 from gateway.errors import GatewayError
@@ -442,6 +443,83 @@ async def responses(request) -> HttpResponse:
 @allow_methods("POST")
 async def messages(request) -> HttpResponse:
     return await proxy(request, RequestKind.MESSAGES)
+
+
+#: A feedback body is small: an id, a rating and a comment of at most 4,000 characters.
+MAX_FEEDBACK_BODY_BYTES = 64 * 1024
+
+
+def read_feedback_body(request) -> dict[str, Any]:
+    """The body of ``POST /v1/feedback`` as a JSON object; a 400 for anything else."""
+    raw = request.read(MAX_FEEDBACK_BODY_BYTES + 1)
+    if len(raw) > MAX_FEEDBACK_BODY_BYTES:
+        raise errors.body_too_large(MAX_FEEDBACK_BODY_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_unicode() from None
+    try:
+        body = JSON_DECODER.decode(text)
+    except RecursionError:
+        raise too_deep() from None
+    except ValueError:
+        raise errors.bad_request("Request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise errors.bad_request(
+            'Request body must be a JSON object: {"client_request_id": "...", '
+            '"rating": "up" or "down", "comment": "..."}.',
+            code="invalid_body",
+        )
+    if has_lone_surrogate(text):
+        raise invalid_unicode()
+    if "\\u0000" in text and holds_nul(body):
+        raise errors.bad_request(
+            "Request body must not contain NUL characters.", code="invalid_unicode"
+        )
+    return body
+
+
+def _store_feedback(item, user_id: int | None):
+    try:
+        (stored,) = record_feedback([item], source=FeedbackSource.API, submitted_by_id=user_id)
+    except DatabaseError:
+        # A connection that failed is not asked again: the next feedback reconnects.
+        with contextlib.suppress(Exception):
+            connection.close()
+        raise
+    return stored
+
+
+@csrf_exempt
+@allow_methods("POST")
+async def feedback(request) -> HttpResponse:
+    """``POST /v1/feedback`` (SPEC §12): what a user said about the answer to a request.
+
+    Stored with the token's user (None when anonymous), never an IP; joined to the
+    checkpoint that served the request now or when its attribution row lands.
+    """
+    try:
+        user_id = await auth.authenticate(request)
+        body = read_feedback_body(request)
+    except GatewayError as exc:
+        return exc.response()
+    item, problems = check_feedback(
+        body.get("client_request_id"), body.get("rating"), body.get("comment")
+    )
+    if problems:
+        return errors.bad_request(" ".join(problems), code="invalid_feedback").response()
+    try:
+        # The request thread, as the token check uses: a database that cannot be reached
+        # fails within the connect timeout (settings), and then answers 503.
+        stored = await sync_to_async(_store_feedback)(item, user_id)
+    except DatabaseError as exc:
+        logger.warning("feedback not stored: database unavailable (%s)", type(exc).__name__)
+        return errors.unavailable(
+            "Feedback cannot be stored right now; retry shortly.", error_kind="feedback_unavailable"
+        ).response()
+    return errors.json_response(
+        {"object": "feedback", "id": str(stored.id), "status": "accepted"}, status=202
+    )
 
 
 @csrf_exempt

@@ -11,11 +11,14 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from django.db.models import Max, Min, Q, Sum
+from django.db.models import Count, Max, Min, Q, Sum
+from statsmodels.stats.proportion import proportion_confint
 
 from experiments.models import (
     AllocationSubject,
     ErrorKindRollup,
+    Feedback,
+    FeedbackRating,
     LatencyBin,
     LatencyMetric,
     RequestRollup,
@@ -56,6 +59,9 @@ class CheckpointStats(CheckpointSummary):
     total_samples: int = 0
     first_request_at: datetime | None = None
     last_request_at: datetime | None = None
+    #: Feedback joined to this checkpoint, by the time of the request it rates.
+    feedback_up: int = 0
+    feedback_down: int = 0
 
     @classmethod
     def of(cls, checkpoint: CheckpointSummary) -> CheckpointStats:
@@ -68,6 +74,31 @@ class CheckpointStats(CheckpointSummary):
     @property
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
+
+    @property
+    def feedback_count(self) -> int:
+        return self.feedback_up + self.feedback_down
+
+    @property
+    def feedback_share_up(self) -> float | None:
+        return self.feedback_up / self.feedback_count if self.feedback_count else None
+
+    @property
+    def feedback_ci95(self) -> tuple[float, float] | None:
+        """95% Wilson score interval of the share positive (statsmodels)."""
+        return wilson_interval(self.feedback_up, self.feedback_count)
+
+
+def wilson_interval(successes: int, trials: int) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a proportion; None without trials.
+
+    statsmodels rather than the formula by hand: one well-tested implementation for
+    every interval the reports show.
+    """
+    if not trials:
+        return None
+    low, high = proportion_confint(successes, trials, alpha=0.05, method="wilson")
+    return float(low), float(high)
 
 
 @dataclass
@@ -156,6 +187,37 @@ def fill_figures(by_version: dict[uuid.UUID, CheckpointStats], filters: ReportFi
         if row["count"]:
             by_version[row["variant_version_id"]].errors_by_kind[row["error_kind"]] = row["count"]
     _fill_percentiles(by_version, filters.histogram_q() & Q(variant_version_id__in=ids))
+    _fill_feedback(by_version, filters)
+
+
+def feedback_q(filters: ReportFilters) -> Q:
+    """Joined feedback of the (aligned) window and subject kind, by the time of the
+    request it rates: the same requests the other figures count."""
+    condition = Q(variant_version_id__isnull=False)
+    if filters.since is not None:
+        condition &= Q(request_created_at__gte=filters.since)
+    if filters.until is not None:
+        condition &= Q(request_created_at__lt=filters.until)
+    if filters.subject_kind is not None:
+        condition &= Q(request_allocation_subject=filters.subject_kind)
+    return condition
+
+
+def _fill_feedback(by_version: dict[uuid.UUID, CheckpointStats], filters: ReportFilters) -> None:
+    """Feedback up/down per checkpoint: one grouped query on the feedback table."""
+    rows = (
+        Feedback.objects.filter(feedback_q(filters), variant_version_id__in=list(by_version))
+        .order_by()
+        .values("variant_version_id", "rating")
+        .annotate(count=Count("*"))
+        .values_list("variant_version_id", "rating", "count")
+    )
+    for version_id, rating, count in rows:
+        stats = by_version[version_id]
+        if rating == FeedbackRating.UP:
+            stats.feedback_up = count
+        elif rating == FeedbackRating.DOWN:
+            stats.feedback_down = count
 
 
 _PERCENTILE_FIELDS = {

@@ -78,6 +78,13 @@ class ExperimentReport:
             "Messages (distinct client request ids) are exact within a calendar month (UTC): "
             "an id reused in another month counts again."
         )
+        notes.append(
+            "Feedback counts each rating once, on the checkpoint that served the rated "
+            "request (for a retried id, its latest successful attempt), and in a window by "
+            "the time of that request, not when the feedback was given; feedback whose "
+            "request is unknown counts nowhere until it arrives. Share positive: 95% Wilson "
+            "score interval."
+        )
         return notes
 
 

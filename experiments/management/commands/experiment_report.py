@@ -41,7 +41,14 @@ CSV_COLUMNS = [
     "streamed",
     "input_tokens",
     "output_tokens",
+    "feedback_up",
+    "feedback_down",
+    "feedback_share_up",
+    "feedback_ci95_low",
+    "feedback_ci95_high",
 ]
+#: The feedback columns of a CSV row; nested as ``feedback`` in the JSON.
+FEEDBACK_COLUMNS = CSV_COLUMNS[-5:]
 
 
 #: A spreadsheet reads a cell starting with one of these as a formula (OWASP, "CSV injection").
@@ -84,15 +91,34 @@ def checkpoint_record(checkpoint: CheckpointStats) -> dict:
         "streamed": checkpoint.streamed,
         "input_tokens": checkpoint.input_tokens,
         "output_tokens": checkpoint.output_tokens,
+        "feedback_up": checkpoint.feedback_up,
+        "feedback_down": checkpoint.feedback_down,
+        "feedback_share_up": checkpoint.feedback_share_up,
+        "feedback_ci95_low": ci[0] if (ci := checkpoint.feedback_ci95) else None,
+        "feedback_ci95_high": ci[1] if ci else None,
+    }
+
+
+def feedback_json(checkpoint: CheckpointStats) -> dict:
+    ci = checkpoint.feedback_ci95
+    return {
+        "up": checkpoint.feedback_up,
+        "down": checkpoint.feedback_down,
+        "share_up": checkpoint.feedback_share_up,
+        "ci95": list(ci) if ci else None,
     }
 
 
 def checkpoint_json(checkpoint: CheckpointStats) -> dict:
     """The CSV row plus the breakdowns that do not flatten into one."""
+    record = checkpoint_record(checkpoint)
+    for name in FEEDBACK_COLUMNS:
+        del record[name]
     return {
-        **checkpoint_record(checkpoint),
+        **record,
         "status_classes": checkpoint.status_classes,
         "errors_by_kind": checkpoint.errors_by_kind,
+        "feedback": feedback_json(checkpoint),
     }
 
 
@@ -185,6 +211,7 @@ def render_table(report: ExperimentReport) -> str:
         "ttfb p50/p95 ms",
         "total p50/p95 ms",
         "tokens in/out",
+        "feedback up/down",
     )
     table = [header]
     for slot in report.slots:
@@ -203,6 +230,7 @@ def render_table(report: ExperimentReport) -> str:
                     f"{_number(c.ttfb_p50)} / {_number(c.ttfb_p95)}",
                     f"{_number(c.total_p50)} / {_number(c.total_p95)}",
                     f"{_number(c.input_tokens)} / {_number(c.output_tokens)}",
+                    f"{_number(c.feedback_up)} / {_number(c.feedback_down)}",
                 )
             )
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]

@@ -6,6 +6,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from experiments.feedback import rejoin
 from experiments.management.progress import progress_bar
 from experiments.reports import rollups
 
@@ -18,8 +19,8 @@ class Command(BaseCommand):
         actions.add_parser(
             "rebuild",
             help="Recompute every rollup and first-seen row from the attribution rows (after "
-            "a restore). Gateways' writers wait until it commits; their records wait in "
-            "the spool.",
+            "a restore), and join feedback to the checkpoints that served it. Gateways' "
+            "writers wait until it commits; their records wait in the spool.",
         )
         actions.add_parser(
             "compact",
@@ -32,9 +33,14 @@ class Command(BaseCommand):
         if options["action"] == "rebuild":
             draw = progress_bar(self.stderr)
             rows = rollups.rebuild(progress=lambda done, hours: draw("hours", done, hours))
+            looked, changed = rejoin()
             self.stdout.write(
                 f"Rebuilt the rollups from {rows:,} attribution row(s) "
                 f"in {time.monotonic() - started:.1f} s."
+            )
+            self.stdout.write(
+                f"Rejoined {looked:,} feedback row(s) to the checkpoints that served them "
+                f"({changed:,} changed)."
             )
         else:
             folded = rollups.compact()
