@@ -392,7 +392,7 @@ def test_stats_page_shows_errors_by_kind_and_says_a_window_was_widened(staff_cli
         url("admin:experiments_experiment_stats", seeded), {"window": "custom", "since": since[:19]}
     )
     page = response.content.decode()
-    assert "upstream_5xx" in page and "timeout" in page
+    assert "upstream 5xx " in page and "timeout " in page and "rate limit " in page
     assert "widened to whole minutes" in page
 
 

@@ -13,7 +13,9 @@ from itertools import combinations
 from django.utils import timezone
 
 from experiments.models import Experiment
+from experiments.quality import ERROR_CATEGORY_MEANING, FINISH_REASON_MEANING
 from experiments.reports.figures import (
+    UNCLASSIFIED,
     CheckpointStats,
     SlotStats,
     TimeSeries,
@@ -77,6 +79,17 @@ class ExperimentReport:
         notes.append(
             "Messages (distinct client request ids) are exact within a calendar month (UTC): "
             "an id reused in another month counts again."
+        )
+        notes.append(f"Errors by kind: {ERROR_CATEGORY_MEANING}")
+        if any(c.errors_by_kind.get(UNCLASSIFIED) for c in self.checkpoints):
+            notes.append(
+                "Unclassified errors were recorded before error categories were; their "
+                "answers' finish reasons count as unknown."
+            )
+        notes.append(FINISH_REASON_MEANING)
+        notes.append(
+            "Throughput: output tokens per second after the first byte, per request that "
+            "reported output tokens (percentiles from histograms, as latency)."
         )
         return notes
 

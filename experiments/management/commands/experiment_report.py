@@ -14,7 +14,8 @@ from typing import Any
 from django.core.management.base import CommandError, CommandParser
 
 from experiments.management.output import JsonCommand
-from experiments.reports.figures import CheckpointStats
+from experiments.quality import ERROR_CATEGORIES, FINISH_REASONS
+from experiments.reports.figures import UNCLASSIFIED, UNKNOWN_FINISH, CheckpointStats
 from experiments.reports.filters import ReportFilters, ReportInputError, parse_moment
 from experiments.reports.report import ExperimentReport, experiment_report
 from experiments.reports.statistics import SRM_THRESHOLD
@@ -41,7 +42,12 @@ CSV_COLUMNS = [
     "streamed",
     "input_tokens",
     "output_tokens",
+    "tool_call_rate",
 ]
+#: The per-checkpoint breakdowns, flattened for the CSV (one column per category).
+ERROR_COLUMNS = [f"errors_{name}" for name in (*ERROR_CATEGORIES, UNCLASSIFIED)]
+FINISH_COLUMNS = [f"finish_{name}" for name in (*FINISH_REASONS, UNKNOWN_FINISH)]
+CSV_COLUMNS += [*ERROR_COLUMNS, *FINISH_COLUMNS]
 
 
 #: A spreadsheet reads a cell starting with one of these as a formula (OWASP, "CSV injection").
@@ -84,6 +90,19 @@ def checkpoint_record(checkpoint: CheckpointStats) -> dict:
         "streamed": checkpoint.streamed,
         "input_tokens": checkpoint.input_tokens,
         "output_tokens": checkpoint.output_tokens,
+        "tool_call_rate": checkpoint.tool_call_rate,
+    }
+
+
+def checkpoint_row(checkpoint: CheckpointStats) -> dict:
+    """The CSV row: the record with the breakdowns flattened."""
+    return {
+        **checkpoint_record(checkpoint),
+        **{
+            f"errors_{name}": checkpoint.errors_by_kind.get(name, 0)
+            for name in (*ERROR_CATEGORIES, UNCLASSIFIED)
+        },
+        **{f"finish_{name}": count for name, count in checkpoint.finish_reasons.items()},
     }
 
 
@@ -93,6 +112,8 @@ def checkpoint_json(checkpoint: CheckpointStats) -> dict:
         **checkpoint_record(checkpoint),
         "status_classes": checkpoint.status_classes,
         "errors_by_kind": checkpoint.errors_by_kind,
+        "errors_by_raw_kind": checkpoint.errors_by_raw_kind,
+        "finish_reasons": checkpoint.finish_reasons,
     }
 
 
@@ -302,7 +323,7 @@ class Command(JsonCommand):
             writer.writeheader()
             for checkpoint in report.checkpoints:
                 writer.writerow(
-                    {name: csv_safe(value) for name, value in checkpoint_record(checkpoint).items()}
+                    {name: csv_safe(value) for name, value in checkpoint_row(checkpoint).items()}
                 )
         else:
             self.stdout.write(render_table(report), ending="")
