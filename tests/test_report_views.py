@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import timedelta
 
 import pytest
@@ -394,6 +395,43 @@ def test_stats_page_shows_errors_by_kind_and_says_a_window_was_widened(staff_cli
     page = response.content.decode()
     assert "upstream 5xx " in page and "timeout " in page and "rate limit " in page
     assert "widened to whole minutes" in page
+
+
+def _checkpoint_row(page: str, internal_id: str) -> str:
+    """The stats table's row of one checkpoint, tags removed."""
+    start = page.index(f"<code>{internal_id}</code>")
+    row = page[start : page.index("</tr>", start)]
+    return " ".join(re.sub(r"<[^>]+>", " ", row).split())
+
+
+def test_stats_page_shows_each_checkpoints_quality_signals_from_the_raw_rows(staff_client, seeded):
+    page = staff_client.get(url("admin:experiments_experiment_stats", seeded)).content.decode()
+    labels = {"upstream_5xx": "upstream 5xx", "rate_limit": "rate limit"}
+    labels |= {"client_disconnect": "client disconnect", "bad_request": "bad request"}
+    for version in seeded.versions.values():
+        rows = [r for r in seeded.requests if r.version_id == version.pk]
+        text = _checkpoint_row(page, version.internal_id)
+        for category in {r.error_category for r in rows if r.has_error}:
+            count = sum(r.error_category == category for r in rows if r.has_error)
+            assert f"{labels.get(category, category)} {count}" in text, (category, text)
+        successes = [r for r in rows if not r.has_error]
+        tools = sum(r.finish_reason == "tool_calls" for r in successes) / len(successes)
+        stops = sum(r.finish_reason == "stop" for r in successes) / len(successes)
+        assert f"stop {stops * 100:.2f}%" in text
+        assert f"tool calls {tools * 100:.2f}%" in text
+        # The tool-call rate column, and the throughput (output tokens/s after the first byte).
+        assert text.count(f"{tools * 100:.2f}%") == 2
+        shown = re.search(r"(\d+\.\d) / (\d+\.\d) tok/s", text)
+        speeds = sorted(
+            r.output_tokens * 1000 / (r.total_ms - r.ttfb_ms)
+            for r in rows
+            if r.ttfb_ms is not None and r.total_ms > r.ttfb_ms
+        )
+        for value, fraction in zip(shown.groups(), (0.5, 0.95), strict=True):
+            rank = fraction * (len(speeds) - 1)
+            low = speeds[int(rank)]
+            exact = low + (rank - int(rank)) * (speeds[min(int(rank) + 1, len(speeds) - 1)] - low)
+            assert float(value) == pytest.approx(exact, rel=0.01, abs=0.05)
 
 
 RAW_TABLES = ("model_experiment_request", "gateway_usage")
