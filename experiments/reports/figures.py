@@ -21,13 +21,7 @@ from experiments.models import (
     RequestRollup,
     RollupResolution,
 )
-from experiments.quality import (
-    ERROR_CATEGORIES,
-    ERROR_CATEGORY_LABELS,
-    FINISH_REASON_LABELS,
-    FINISH_REASONS,
-    TOOL_CALLS,
-)
+from experiments.quality import ERROR_CATEGORIES, FINISH_REASONS, TOOL_CALLS
 from experiments.reports.filters import ReportFilters
 from experiments.reports.histogram import percentile
 from experiments.reports.rollups import MEASURES
@@ -100,26 +94,6 @@ class CheckpointStats(CheckpointSummary):
         if not self.successes:
             return None
         return self.finish_reasons.get(TOOL_CALLS, 0) / self.successes
-
-    @property
-    def error_kind_items(self) -> list[tuple[str, int]]:
-        """(label, count) of the error categories that occurred, for the page."""
-        return [
-            (ERROR_CATEGORY_LABELS.get(name, name), count)
-            for name, count in self.errors_by_kind.items()
-            if count
-        ]
-
-    @property
-    def finish_items(self) -> list[tuple[str, int, float]]:
-        """(label, count, share of successful answers) of the finish reasons that occurred."""
-        if not self.successes:
-            return []
-        return [
-            (FINISH_REASON_LABELS.get(name, name), count, count / self.successes)
-            for name, count in self.finish_reasons.items()
-            if count
-        ]
 
 
 @dataclass
