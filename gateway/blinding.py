@@ -106,19 +106,19 @@ class FinishReason:
 
     def _chat(self, value: dict[str, Any]) -> None:
         choices = value.get("choices")
-        if type(choices) is not list:
+        if not choices or type(choices) is not list:
             return
-        for choice in choices:
-            # The first choice speaks for the answer (n > 1 is rare; its choices interleave).
-            if type(choice) is not dict or choice.get("index", 0) not in (0, None):
-                continue
+        # The first choice speaks for the answer (n > 1 is rare; its choices interleave).
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("index", 0) not in (0, None):
+            return
+        if not self.tool_calls:
             message = choice.get("delta") or choice.get("message")
             if type(message) is dict and message.get("tool_calls"):
                 self.tool_calls = True
-            reason = choice.get("finish_reason")
-            if type(reason) is str:
-                self.reason = CHAT_FINISH.get(reason, OTHER)
-            return
+        reason = choice.get("finish_reason")
+        if reason is not None and type(reason) is str:
+            self.reason = CHAT_FINISH.get(reason, OTHER)
 
     def _responses(self, value: dict[str, Any]) -> None:
         kind = value.get("type")
