@@ -515,3 +515,15 @@ def test_csv_export_flattens_quality_signals_equal_to_the_raw_rows(seeded):
         p50, p95 = raw["throughput"]
         assert float(row["throughput_tok_s_p50"]) == pytest.approx(p50, rel=RELATIVE_ACCURACY)
         assert float(row["throughput_tok_s_p95"]) == pytest.approx(p95, rel=RELATIVE_ACCURACY)
+
+
+def test_table_export_shows_each_checkpoints_quality_signals(seeded):
+    text = run_report(str(seeded.experiment.pk))
+    expected = by_version(seeded.requests)
+    for version in seeded.versions.values():
+        raw = raw_quality(expected[version.pk])
+        block = text[text.index(f"  {version.variant.label}/{version.internal_id}:\n") :]
+        block = block[: block.index("tok/s")]
+        assert f"rate limit {raw['errors_by_kind']['rate_limit']:,}" in block
+        assert f"upstream 5xx {raw['errors_by_kind']['upstream_5xx']:,}" in block
+        assert f"tool-call rate {raw['tool_call_rate'] * 100:.2f}%" in block

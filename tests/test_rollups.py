@@ -334,3 +334,25 @@ def test_a_value_is_within_one_percent_of_its_bins_value(value):
 
 def test_histogram_of_no_values_has_no_percentile():
     assert percentile([], 0.5) is None
+
+
+@pytest.mark.django_db
+def test_errors_recorded_before_categories_count_as_unclassified_after_a_rebuild():
+    """Rows written before the quality signals carry neither an error category nor a
+    finish reason: a rebuild counts their errors as unclassified and their answers'
+    finish reason as unknown, and every figure still adds up."""
+    from experiments.models import ExperimentRequest
+
+    seeded = seed_experiment(subjects=30, requests=150)
+    ExperimentRequest.objects.update(error_category=None, finish_reason=None)
+    rollups.rebuild()
+    report = experiment_report(seeded.experiment)
+    for checkpoint in report.checkpoints:
+        mine = [r for r in seeded.requests if r.version_id == checkpoint.version_id]
+        errors = sum(r.has_error for r in mine)
+        assert checkpoint.errors_by_kind == {**dict.fromkeys(CATEGORIES, 0), "unclassified": errors}
+        assert checkpoint.finish_reasons == {
+            **dict.fromkeys(FINISHES[:-1], 0),
+            "unknown": len(mine) - errors,
+        }
+    assert any("Unclassified errors were recorded before" in note for note in report.notes)

@@ -232,6 +232,24 @@ def render_table(report: ExperimentReport) -> str:
         lines.append("  ".join(str(cell).ljust(width) for cell, width in cells))
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
+    lines += ["", "Quality signals (finish reasons: shares of successful answers):"]
+    for c in report.checkpoints:
+        counts = c.errors_by_kind
+        errors = ", ".join(
+            f"{label} {counts.get(name, 0):,}" for name, label in report.error_kind_columns
+        )
+        answered = c.successes
+        finishes = ", ".join(
+            f"{label} {_percent(c.finish_reasons.get(name, 0) / answered if answered else None)}"
+            for name, label in report.finish_columns
+        )
+        lines += [
+            f"  {c.slot_label}/{c.internal_id}:",
+            f"    errors by kind: {errors}",
+            f"    finish reasons: {finishes}",
+            f"    tool-call rate {_percent(c.tool_call_rate)}; throughput p50/p95 "
+            f"{_number(c.throughput_p50, 1)} / {_number(c.throughput_p95, 1)} tok/s",
+        ]
     lines += ["", *report.notes]
     srm = report.srm
     lines += ["", "Sample-ratio check (distinct subjects per slot vs weights, chi-square):"]
