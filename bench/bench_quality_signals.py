@@ -49,7 +49,7 @@ def per_event_us(route: str, *, finish: str) -> tuple[float, float, int]:
     values = [p for _, p in ROUTES[route][1](reply) if not isinstance(p, str)]
     identifiers = checkpoint_identifiers((("http://10.0.0.5:8000/v1", "rc"),))
     blinder = Blinder("pub", KeyScrubber("sk-key"), identifiers)
-    tracker = FinishReason(KINDS[route])
+    tracker = FinishReason.for_kind(KINDS[route])
 
     def blind() -> None:
         for value in values:

@@ -77,23 +77,25 @@ RESPONSES_TERMINAL_EVENTS = frozenset(
 
 class FinishReason:
     """Why the answer ended (experiments.quality.FINISH_REASONS), from a body or from the
-    events of a stream (latest wins), for one API shape.
+    events of a stream (latest wins). This base reads nothing; ``for_kind`` gives the
+    reader of one API shape.
 
     Reads only top-level fields of values the relay has parsed anyway (usage is taken from
-    the same values): a few dictionary lookups per event, nothing parsed twice.
+    the same values): a few dictionary lookups per event, nothing parsed twice. One class
+    per shape rather than a bound method kept on the instance: that would be a reference
+    cycle per request, garbage only the cycle collector frees (tests/test_gateway_garbage).
     """
 
-    __slots__ = ("reason", "tool_calls", "absorb")
+    __slots__ = ("reason", "tool_calls")
 
-    def __init__(self, kind: str | None = None) -> None:
+    def __init__(self) -> None:
         self.reason: str | None = None
         #: A chat answer carried tool calls (some servers then still say "stop").
         self.tool_calls = False
-        self.absorb = {
-            RequestKind.CHAT_COMPLETIONS: self._chat,
-            RequestKind.RESPONSES: self._responses,
-            RequestKind.MESSAGES: self._messages,
-        }.get(kind, self._ignore)
+
+    @staticmethod
+    def for_kind(kind: str | None) -> FinishReason:
+        return _FINISH_READERS.get(kind, FinishReason)()
 
     @property
     def normalised(self) -> str | None:
@@ -101,10 +103,14 @@ class FinishReason:
             return TOOL_CALLS
         return self.reason
 
-    def _ignore(self, value: dict[str, Any]) -> None:
+    def absorb(self, value: dict[str, Any]) -> None:
         return None
 
-    def _chat(self, value: dict[str, Any]) -> None:
+
+class _ChatFinish(FinishReason):
+    __slots__ = ()
+
+    def absorb(self, value: dict[str, Any]) -> None:
         choices = value.get("choices")
         if not choices or type(choices) is not list:
             return
@@ -120,7 +126,11 @@ class FinishReason:
         if reason is not None and type(reason) is str:
             self.reason = CHAT_FINISH.get(reason, OTHER)
 
-    def _responses(self, value: dict[str, Any]) -> None:
+
+class _ResponsesFinish(FinishReason):
+    __slots__ = ()
+
+    def absorb(self, value: dict[str, Any]) -> None:
         kind = value.get("type")
         if kind is None:
             response = value if value.get("object") == "response" else None
@@ -133,7 +143,11 @@ class FinishReason:
             if reason is not None:
                 self.reason = reason
 
-    def _messages(self, value: dict[str, Any]) -> None:
+
+class _MessagesFinish(FinishReason):
+    __slots__ = ()
+
+    def absorb(self, value: dict[str, Any]) -> None:
         kind = value.get("type")
         if kind == "message_delta":
             delta = value.get("delta")
@@ -144,6 +158,13 @@ class FinishReason:
             return
         if type(reason) is str:
             self.reason = ANTHROPIC_FINISH.get(reason, OTHER)
+
+
+_FINISH_READERS: dict[str | None, type[FinishReason]] = {
+    RequestKind.CHAT_COMPLETIONS: _ChatFinish,
+    RequestKind.RESPONSES: _ResponsesFinish,
+    RequestKind.MESSAGES: _MessagesFinish,
+}
 
 
 class KeyScrubber:
@@ -262,7 +283,7 @@ class Blinder:
             route.public_model_id,
             KeyScrubber(route.api_key),
             route.identifiers,
-            finish=FinishReason(kind),
+            finish=FinishReason.for_kind(kind),
         )
 
     def rewrite(self, value: Any) -> Any:

@@ -162,7 +162,7 @@ def test_a_partner_refusing_the_key_is_an_auth_error(gateway, keyed_upstream):
 
 def _stream_finish(kind: str, events: list[dict | str]) -> str | None:
     identifiers = checkpoint_identifiers((("http://10.0.0.5:8000/v1", "secret-rc"),))
-    blinder = Blinder("kilo/pub", KeyScrubber(""), identifiers, finish=FinishReason(kind))
+    blinder = Blinder("kilo/pub", KeyScrubber(""), identifiers, finish=FinishReason.for_kind(kind))
     rewriter = EventRewriter(blinder)
     for event in events:
         payload = event if isinstance(event, str) else json.dumps(event)
