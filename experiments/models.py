@@ -330,6 +330,8 @@ USAGE_MEASURES = (
     "status_code",
     "has_error",
     "error_kind",
+    "error_category",
+    "finish_reason",
     "is_stream",
     "input_tokens",
     "output_tokens",
@@ -382,6 +384,8 @@ class ExperimentRequest(models.Model):
     status_code = models.PositiveSmallIntegerField()
     has_error = models.BooleanField()
     error_kind = models.CharField(max_length=64, null=True, blank=True)
+    error_category = models.CharField(max_length=32, null=True, blank=True)
+    finish_reason = models.CharField(max_length=32, null=True, blank=True)
     is_stream = models.BooleanField()
     input_tokens = models.PositiveIntegerField()
     output_tokens = models.PositiveIntegerField()
@@ -536,6 +540,20 @@ class RequestRollup(RollupBucket):
     new_subjects = models.BigIntegerField(default=0)
     new_slot_subjects = models.BigIntegerField(default=0)
     new_messages = models.BigIntegerField(default=0)
+    #: Errors by category (experiments.quality.ERROR_CATEGORIES).
+    errors_auth = models.BigIntegerField(default=0)
+    errors_rate_limit = models.BigIntegerField(default=0)
+    errors_upstream_5xx = models.BigIntegerField(default=0)
+    errors_timeout = models.BigIntegerField(default=0)
+    errors_client_disconnect = models.BigIntegerField(default=0)
+    errors_bad_request = models.BigIntegerField(default=0)
+    errors_other = models.BigIntegerField(default=0)
+    #: Successful answers by finish reason (experiments.quality.FINISH_REASONS).
+    finish_stop = models.BigIntegerField(default=0)
+    finish_length = models.BigIntegerField(default=0)
+    finish_tool_calls = models.BigIntegerField(default=0)
+    finish_content_filter = models.BigIntegerField(default=0)
+    finish_other = models.BigIntegerField(default=0)
     first_request_at = models.DateTimeField(null=True)
     last_request_at = models.DateTimeField(null=True)
 

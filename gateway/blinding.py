@@ -22,6 +22,16 @@ from urllib.parse import urlsplit
 
 from django.utils.http import http_date, parse_http_date
 
+from experiments.models import RequestKind
+from experiments.quality import (
+    ANTHROPIC_FINISH,
+    CHAT_FINISH,
+    OTHER,
+    STOP,
+    TOOL_CALLS,
+    responses_finish,
+)
+
 if TYPE_CHECKING:
     from gateway.routing import Route
 
@@ -57,6 +67,104 @@ class TokenUsage:
             value = usage.get(source)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 setattr(self, target, value)
+
+
+#: Responses stream events that carry the finished response.
+RESPONSES_TERMINAL_EVENTS = frozenset(
+    {"response.completed", "response.incomplete", "response.failed"}
+)
+
+
+class FinishReason:
+    """Why the answer ended (experiments.quality.FINISH_REASONS), from a body or from the
+    events of a stream (latest wins). This base reads nothing; ``for_kind`` gives the
+    reader of one API shape.
+
+    Reads only top-level fields of values the relay has parsed anyway (usage is taken from
+    the same values): a few dictionary lookups per event, nothing parsed twice. One class
+    per shape rather than a bound method kept on the instance: that would be a reference
+    cycle per request, garbage only the cycle collector frees (tests/test_gateway_garbage).
+    """
+
+    __slots__ = ("reason", "tool_calls")
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        #: A chat answer carried tool calls (some servers then still say "stop").
+        self.tool_calls = False
+
+    @staticmethod
+    def for_kind(kind: str | None) -> FinishReason:
+        return _FINISH_READERS.get(kind, FinishReason)()
+
+    @property
+    def normalised(self) -> str | None:
+        if self.reason == STOP and self.tool_calls:
+            return TOOL_CALLS
+        return self.reason
+
+    def absorb(self, value: dict[str, Any]) -> None:
+        return None
+
+
+class _ChatFinish(FinishReason):
+    __slots__ = ()
+
+    def absorb(self, value: dict[str, Any]) -> None:
+        choices = value.get("choices")
+        if not choices or type(choices) is not list:
+            return
+        # The first choice speaks for the answer (n > 1 is rare; its choices interleave).
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("index", 0) not in (0, None):
+            return
+        if not self.tool_calls:
+            message = choice.get("delta") or choice.get("message")
+            if type(message) is dict and message.get("tool_calls"):
+                self.tool_calls = True
+        reason = choice.get("finish_reason")
+        if reason is not None and type(reason) is str:
+            self.reason = CHAT_FINISH.get(reason, OTHER)
+
+
+class _ResponsesFinish(FinishReason):
+    __slots__ = ()
+
+    def absorb(self, value: dict[str, Any]) -> None:
+        kind = value.get("type")
+        if kind is None:
+            response = value if value.get("object") == "response" else None
+        elif kind in RESPONSES_TERMINAL_EVENTS:
+            response = value.get("response")
+        else:
+            return
+        if type(response) is dict:
+            reason = responses_finish(response)
+            if reason is not None:
+                self.reason = reason
+
+
+class _MessagesFinish(FinishReason):
+    __slots__ = ()
+
+    def absorb(self, value: dict[str, Any]) -> None:
+        kind = value.get("type")
+        if kind == "message_delta":
+            delta = value.get("delta")
+            reason = delta.get("stop_reason") if type(delta) is dict else None
+        elif kind == "message":
+            reason = value.get("stop_reason")
+        else:
+            return
+        if type(reason) is str:
+            self.reason = ANTHROPIC_FINISH.get(reason, OTHER)
+
+
+_FINISH_READERS: dict[str | None, type[FinishReason]] = {
+    RequestKind.CHAT_COMPLETIONS: _ChatFinish,
+    RequestKind.RESPONSES: _ResponsesFinish,
+    RequestKind.MESSAGES: _MessagesFinish,
+}
 
 
 class KeyScrubber:
@@ -167,14 +275,22 @@ class Blinder:
     scrubber: KeyScrubber
     identifiers: CheckpointIdentifiers
     usage: TokenUsage = field(default_factory=TokenUsage)
+    finish: FinishReason = field(default_factory=FinishReason)
 
     @classmethod
-    def for_route(cls, route: Route) -> Blinder:
-        return cls(route.public_model_id, KeyScrubber(route.api_key), route.identifiers)
+    def for_route(cls, route: Route, kind: str | None = None) -> Blinder:
+        return cls(
+            route.public_model_id,
+            KeyScrubber(route.api_key),
+            route.identifiers,
+            finish=FinishReason.for_kind(kind),
+        )
 
     def rewrite(self, value: Any) -> Any:
-        """Rewrite ``model`` fields and error objects in place; collect usage."""
+        """Rewrite ``model`` fields and error objects in place; collect usage and the
+        finish reason."""
         if isinstance(value, dict):
+            self.finish.absorb(value)
             self._blind_fields(value)
             self.usage.absorb(value.get("usage"))
             for nested in ("message", "response"):

@@ -29,6 +29,11 @@ class GatewayUsage(models.Model):
     status_code = models.PositiveSmallIntegerField()
     has_error = models.BooleanField(default=False)
     error_kind = models.CharField(max_length=64, null=True, blank=True)
+    #: experiments.quality.error_category of status and kind (null: no error, or a row
+    #: written before categories were recorded).
+    error_category = models.CharField(max_length=32, null=True, blank=True)
+    #: experiments.quality.FINISH_REASONS (null: the answer reported none).
+    finish_reason = models.CharField(max_length=32, null=True, blank=True)
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
     ttfb_ms = models.PositiveIntegerField(null=True, blank=True)

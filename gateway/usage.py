@@ -44,6 +44,7 @@ from django.db import DataError, Error, IntegrityError, connection, transaction
 from experiments.feedback import join_landed, rejoin_recent
 from experiments.models import PROMPT_HASH_FAILED, USAGE_MEASURES, ExperimentRequest
 from experiments.prompts.store import capture_prompt
+from experiments.quality import FINISH_REASONS, error_category
 from experiments.reports.rollups import record_requests
 from gateway.models import GatewayUsage
 from gateway.spool import Segment, Spool, json_line, read_segment
@@ -111,6 +112,8 @@ class UsageRecord:
     ttfb_ms: int | None
     total_ms: int | None
     attribution: Attribution | None = None
+    #: Why the answer ended (experiments.quality.FINISH_REASONS), None if not reported.
+    finish_reason: str | None = None
     #: The usage row's primary key, fixed at creation: what makes a replay count once.
     id: uuid.UUID = field(default_factory=uuid.uuid4)
 
@@ -130,6 +133,7 @@ class UsageRecord:
             "error_kind": self.error_kind,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
+            "finish_reason": self.finish_reason,
             "ttfb_ms": self.ttfb_ms,
             "total_ms": self.total_ms,
         }
@@ -177,6 +181,12 @@ def record_rows(entry: dict[str, Any], prompt: tuple[str, bool] | None) -> Recor
         "output_tokens": min(max(entry["output_tokens"], 0), _MAX_INTEGER),
         "ttfb_ms": entry["ttfb_ms"],
         "total_ms": entry["total_ms"],
+        # Derived here, from the recorded status and kind: the request path pays nothing.
+        "error_category": error_category(
+            entry["status_code"], entry["has_error"], entry["error_kind"]
+        ),
+        # Absent from lines spooled before finish reasons were recorded.
+        "finish_reason": _finish_reason(entry.get("finish_reason")),
     }
     attributed = entry.get("attribution")
     if attributed is None:
@@ -197,6 +207,10 @@ def record_rows(entry: dict[str, Any], prompt: tuple[str, bool] | None) -> Recor
         **{name: usage[name] for name in USAGE_MEASURES},
     }
     return RecordRows(entry, usage, attribution)
+
+
+def _finish_reason(value: Any) -> str | None:
+    return value if value in FINISH_REASONS else None
 
 
 class _Table:

@@ -27,7 +27,7 @@ from django.views.decorators.csrf import csrf_exempt
 from experiments.feedback import check_feedback, record_feedback
 from experiments.models import FeedbackSource, RequestKind
 from gateway import auth, errors
-from gateway.blinding import Blinder, TokenUsage, client_headers
+from gateway.blinding import Blinder, FinishReason, TokenUsage, client_headers
 from gateway.errors import GatewayError
 from gateway.routing import Route, RoutingUnavailable, router
 from gateway.streaming import EventRewriter, MalformedEvent, error_event, sse_events
@@ -87,6 +87,7 @@ class Exchange:
         self.error_kind: str | None = None
         self.ttfb_ms: int | None = None
         self.tokens = TokenUsage()
+        self.finish = FinishReason()
         self._recorded = False
 
     def first_byte(self) -> None:
@@ -123,6 +124,7 @@ class Exchange:
                 error_kind=self.error_kind,
                 input_tokens=self.tokens.input_tokens,
                 output_tokens=self.tokens.output_tokens,
+                finish_reason=self.finish.normalised,
                 ttfb_ms=self.ttfb_ms,
                 total_ms=_elapsed_ms(self.started),
                 attribution=attribution,
@@ -330,8 +332,9 @@ async def proxy(request, kind: str) -> HttpResponse:
 
 
 async def call_upstream(request, exchange: Exchange, route: Route, kind: str) -> HttpResponse:
-    blinder = Blinder.for_route(route)
+    blinder = Blinder.for_route(route, kind)
     exchange.tokens = blinder.usage
+    exchange.finish = blinder.finish
     upstream = await shared_client.send(
         upstream_request(request.headers, route, kind, exchange.upstream_body)
     )

@@ -29,6 +29,27 @@ from tests.factories import (
     upstream_config,
 )
 
+#: Errors as the gateway records them, (status, error_kind), with the category a person
+#: reads for each: written out here, independently of experiments.quality.
+SEEDED_ERRORS = (
+    (500, "upstream_http_500", "upstream_5xx"),
+    (503, "upstream_http_503", "upstream_5xx"),
+    (502, "upstream_unreachable", "upstream_5xx"),
+    (200, "upstream_stream_cut", "upstream_5xx"),
+    (401, "upstream_http_401", "auth"),
+    (403, "upstream_http_403", "auth"),
+    (429, "upstream_http_429", "rate_limit"),
+    (504, "upstream_timeout", "timeout"),
+    (499, "client_disconnected", "client_disconnect"),
+    (400, "upstream_http_400", "bad_request"),
+    (422, "upstream_http_422", "bad_request"),
+    (400, "invalid_type", "bad_request"),
+    (500, "internal_error", "other"),
+    (404, "upstream_http_404", "other"),
+)
+#: Finish reasons as the gateway records them (None: the answer reported none).
+SEEDED_FINISHES = ("stop", "stop", "stop", "length", "tool_calls", "content_filter", "other", None)
+
 
 @dataclass
 class SeededRequest:
@@ -42,6 +63,10 @@ class SeededRequest:
     client_request_id: str | None
     has_error: bool
     error_kind: str | None
+    #: The error category expected for this row (SEEDED_ERRORS), None without error.
+    error_category: str | None
+    #: Recorded finish reason (errors have one too when their answer said one).
+    finish_reason: str | None
     status_code: int
     is_stream: bool
     ttfb_ms: int | None
@@ -126,6 +151,7 @@ def seed_experiment(
         for i in range(subjects)
     }
     rows = []
+    errors_seeded = 0
     for index in range(requests):
         subject = index % subjects if index < subjects else rng.randrange(subjects)
         created_at = start + timedelta(seconds=index * 7200 // requests)
@@ -137,6 +163,13 @@ def seed_experiment(
             version = versions["b1"]
             error_probability = 0.1
         has_error = rng.random() < error_probability
+        # Errors take each kind in turn: every category occurs in any sizeable seed.
+        status, error_kind, category = (
+            SEEDED_ERRORS[errors_seeded % len(SEEDED_ERRORS)] if has_error else (200, None, None)
+        )
+        errors_seeded += has_error
+        # Slot b's checkpoint calls tools more often: the figures differ by checkpoint.
+        finishes = SEEDED_FINISHES + (("tool_calls",) * 4 if slot == "slot-b" else ())
         kind = subject_kind[subject]
         rows.append(
             SeededRequest(
@@ -152,8 +185,10 @@ def seed_experiment(
                 # Some retries share an id; some clients send none.
                 client_request_id=None if index % 10 == 0 else f"msg-{index // 2}",
                 has_error=has_error,
-                error_kind=("upstream_5xx" if index % 3 else "timeout") if has_error else None,
-                status_code=(500 if index % 3 else 504) if has_error else 200,
+                error_kind=error_kind,
+                error_category=category,
+                finish_reason=rng.choice(finishes),
+                status_code=status,
                 is_stream=index % 4 == 0,
                 ttfb_ms=None if index % 17 == 0 else rng.randint(20, 900),
                 total_ms=rng.randint(100, 5000),
@@ -183,6 +218,7 @@ def usage_record(row: SeededRequest, public_model_id: str) -> UsageRecord:
         error_kind=row.error_kind,
         input_tokens=row.input_tokens,
         output_tokens=row.output_tokens,
+        finish_reason=row.finish_reason,
         ttfb_ms=row.ttfb_ms,
         total_ms=row.total_ms,
         attribution=Attribution(

@@ -9,7 +9,7 @@ import pytest
 
 from experiments.models import ExperimentRequest
 from experiments.prompts.store import get_prompt_store
-from tests.browser import chromium_page, screenshot
+from tests.browser import SCREENSHOT_DIR, chromium_page, screenshot
 from tests.factories import SuperUserFactory
 from tests.report_seed import seed_experiment
 
@@ -51,7 +51,13 @@ def test_staff_reads_stats_browses_requests_and_inflates_a_prompt(
     assert page.locator("svg.mx-chart polyline.mx-series").count() == 3
     assert page.locator("svg.mx-chart line.mx-handover").count() == 1
     assert page.locator("#srm-warning").is_visible()
+    # Quality signals per checkpoint: error categories, finish reasons, tool-call rate.
+    assert page.locator("#errors-by-kind tbody tr").count() == 3
+    assert page.locator("#finish-reasons td.mx-tool-calls").count() == 3
+    assert "TOOL CALLS" in page.inner_text("#finish-reasons thead").upper()
     screenshot(page, "reports-stats")
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    page.locator("#quality").screenshot(path=str(SCREENSHOT_DIR / "reports-quality-signals.png"))
 
     page.click("nav.mx-nav >> text=Requests")
     assert page.locator("#request-list tbody tr").count() == 50

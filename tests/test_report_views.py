@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from datetime import timedelta
 
 import pytest
@@ -392,8 +394,62 @@ def test_stats_page_shows_errors_by_kind_and_says_a_window_was_widened(staff_cli
         url("admin:experiments_experiment_stats", seeded), {"window": "custom", "since": since[:19]}
     )
     page = response.content.decode()
-    assert "upstream_5xx" in page and "timeout" in page
+    assert "upstream 5xx<" in page and "timeout<" in page and "rate limit<" in page
     assert "widened to whole minutes" in page
+
+
+def _table_rows(page: str, table_id: str) -> dict[str, list[str]]:
+    """The cells of a table's body rows by the checkpoint's internal id, tags removed."""
+    table = page[page.index(f'id="{table_id}"') :]
+    body = table[table.index("<tbody>") : table.index("</tbody>")]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", body, re.S):
+        cells = [
+            " ".join(re.sub(r"<[^>]+>", " ", c).split())
+            for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+        ]
+        rows[re.search(r"<code>(.*?)</code>", row).group(1)] = cells
+    return rows
+
+
+def _percentile(values, fraction):
+    ordered = sorted(values)
+    rank = fraction * (len(ordered) - 1)
+    low, high = ordered[math.floor(rank)], ordered[math.ceil(rank)]
+    return low + (rank - math.floor(rank)) * (high - low)
+
+
+def test_stats_page_shows_each_checkpoints_quality_signals_from_the_raw_rows(staff_client, seeded):
+    page = staff_client.get(url("admin:experiments_experiment_stats", seeded)).content.decode()
+    errors = _table_rows(page, "errors-by-kind")
+    finishes = _table_rows(page, "finish-reasons")
+    categories = ("auth", "rate_limit", "upstream_5xx", "timeout")
+    categories += ("client_disconnect", "bad_request", "other")
+    reasons = ("stop", "length", "tool_calls", "content_filter", "other", None)
+    for version in seeded.versions.values():
+        rows = [r for r in seeded.requests if r.version_id == version.pk]
+        failed = [r for r in rows if r.has_error]
+        expected = [str(len(failed))] + [
+            str(sum(r.error_category == c for r in failed)) for c in categories
+        ]
+        assert errors[version.internal_id][1:] == expected
+        answered = [r for r in rows if not r.has_error]
+        shares = [
+            f"{sum(r.finish_reason == reason for r in answered) / len(answered) * 100:.2f}%"
+            for reason in reasons
+        ]
+        speeds = [
+            r.output_tokens * 1000 / (r.total_ms - r.ttfb_ms)
+            for r in rows
+            if r.ttfb_ms is not None and r.total_ms > r.ttfb_ms
+        ]
+        cells = finishes[version.internal_id]
+        assert cells[1:8] == [str(len(answered)), *shares]
+        assert cells[8] == shares[2]  # the tool-call rate
+        shown = re.fullmatch(r"(\d+\.\d) / (\d+\.\d) tok/s", cells[9])
+        for value, fraction in zip(shown.groups(), (0.5, 0.95), strict=True):
+            exact = _percentile(speeds, fraction)
+            assert float(value) == pytest.approx(exact, rel=0.01, abs=0.05)
 
 
 RAW_TABLES = ("model_experiment_request", "gateway_usage")

@@ -441,3 +441,89 @@ def test_json_export_says_when_the_window_was_widened(seeded):
     )
     assert exported["window"]["widened_to_whole_minutes"] is True
     assert any("widened to whole minutes" in note for note in exported["notes"])
+
+
+# --- quality signals ----------------------------------------------------------------
+
+CATEGORIES = (
+    "auth",
+    "rate_limit",
+    "upstream_5xx",
+    "timeout",
+    "client_disconnect",
+    "bad_request",
+    "other",
+)
+FINISHES = ("stop", "length", "tool_calls", "content_filter", "other", "unknown")
+
+
+def raw_quality(rows) -> dict:
+    """The quality figures of one checkpoint, recounted from its seeded rows."""
+    errors = dict.fromkeys(CATEGORIES, 0)
+    finishes = dict.fromkeys(FINISHES, 0)
+    for row in rows:
+        if row.has_error:
+            errors[row.error_category] += 1
+        else:
+            finishes[row.finish_reason or "unknown"] += 1
+    successes = sum(not r.has_error for r in rows)
+    speeds = [
+        r.output_tokens * 1000 / (r.total_ms - r.ttfb_ms)
+        for r in rows
+        if r.output_tokens and r.ttfb_ms is not None and r.total_ms > r.ttfb_ms
+    ]
+    return {
+        "errors_by_kind": errors,
+        "finish_reasons": finishes,
+        "tool_call_rate": finishes["tool_calls"] / successes if successes else None,
+        "throughput": (quantile(speeds, 0.5), quantile(speeds, 0.95)),
+    }
+
+
+def test_json_export_carries_quality_signals_equal_to_the_raw_rows(seeded):
+    exported = json.loads(run_report(str(seeded.experiment.pk), "--format", "json"))
+    expected = by_version(seeded.requests)
+    internal_to_version = {v.internal_id: v.pk for v in seeded.versions.values()}
+    checkpoints = [c for s in exported["slots"] for c in s["checkpoints"]]
+    assert len(checkpoints) == 3
+    for row in checkpoints:
+        raw = raw_quality(expected[internal_to_version[row["internal_id"]]])
+        assert row["errors_by_kind"] == raw["errors_by_kind"]
+        assert row["finish_reasons"] == raw["finish_reasons"]
+        assert row["tool_call_rate"] == pytest.approx(raw["tool_call_rate"])
+        p50, p95 = raw["throughput"]
+        assert row["throughput_tok_s_p50"] == pytest.approx(p50, rel=RELATIVE_ACCURACY)
+        assert row["throughput_tok_s_p95"] == pytest.approx(p95, rel=RELATIVE_ACCURACY)
+    # The seed makes slot b call tools more: the figure tells the checkpoints apart.
+    rates = {row["internal_id"]: row["tool_call_rate"] for row in checkpoints}
+    assert rates["rc-bravo-1"] > max(rates["rc-alpha-1"], rates["rc-alpha-2"])
+    assert any("Errors by kind: auth: the partner answered 401" in n for n in exported["notes"])
+
+
+def test_csv_export_flattens_quality_signals_equal_to_the_raw_rows(seeded):
+    rows = list(csv.DictReader(io.StringIO(run_report(str(seeded.experiment.pk), "-f", "csv"))))
+    expected = by_version(seeded.requests)
+    internal_to_version = {v.internal_id: v.pk for v in seeded.versions.values()}
+    for row in rows:
+        raw = raw_quality(expected[internal_to_version[row["internal_id"]]])
+        for name, count in raw["errors_by_kind"].items():
+            assert int(row[f"errors_{name}"]) == count, name
+        assert int(row["errors_unclassified"]) == 0
+        for name, count in raw["finish_reasons"].items():
+            assert int(row[f"finish_{name}"]) == count, name
+        assert float(row["tool_call_rate"]) == pytest.approx(raw["tool_call_rate"])
+        p50, p95 = raw["throughput"]
+        assert float(row["throughput_tok_s_p50"]) == pytest.approx(p50, rel=RELATIVE_ACCURACY)
+        assert float(row["throughput_tok_s_p95"]) == pytest.approx(p95, rel=RELATIVE_ACCURACY)
+
+
+def test_table_export_shows_each_checkpoints_quality_signals(seeded):
+    text = run_report(str(seeded.experiment.pk))
+    expected = by_version(seeded.requests)
+    for version in seeded.versions.values():
+        raw = raw_quality(expected[version.pk])
+        block = text[text.index(f"  {version.variant.label}/{version.internal_id}:\n") :]
+        block = block[: block.index("tok/s")]
+        assert f"rate limit {raw['errors_by_kind']['rate_limit']:,}" in block
+        assert f"upstream 5xx {raw['errors_by_kind']['upstream_5xx']:,}" in block
+        assert f"tool-call rate {raw['tool_call_rate'] * 100:.2f}%" in block

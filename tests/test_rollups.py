@@ -29,6 +29,18 @@ from experiments.reports.histogram import RELATIVE_ACCURACY, key_of, percentile,
 from experiments.reports.report import experiment_report
 from tests.report_seed import insert_requests, seed_experiment
 
+#: Written out: the figures' keys are part of the report's contract.
+CATEGORIES = (
+    "auth",
+    "rate_limit",
+    "upstream_5xx",
+    "timeout",
+    "client_disconnect",
+    "bad_request",
+    "other",
+)
+FINISHES = ("stop", "length", "tool_calls", "content_filter", "other", "unknown")
+
 
 def quantile(values, fraction):
     """percentile_cont, independently: linear interpolation between closest ranks."""
@@ -97,6 +109,10 @@ def windows(seeded):
 def test_rollups_written_by_several_writers_out_of_order_equal_a_rebuild_from_raw_rows():
     seeded = seed_experiment(subjects=90, requests=500, writers=4)
     incremental = rollup_state()
+    # Every count is exercised, the quality signals' too (errors by category, finish reasons).
+    totals = [sum(values) for values in zip(*incremental["RequestRollup"].values(), strict=True)]
+    for name in (*(f"errors_{c}" for c in CATEGORIES), *(f"finish_{f}" for f in FINISHES[:-1])):
+        assert totals[rollups.MEASURES.index(name)] > 0, name
     reports = [report_figures(seeded.experiment, f) for f in windows(seeded)]
     rollups.rebuild()
     assert rollup_state() == incremental
@@ -179,7 +195,21 @@ def test_every_figure_equals_the_raw_rows(window):
         for r in mine:
             if r.has_error:
                 kinds[r.error_kind] += 1
-        assert checkpoint.errors_by_kind == dict(kinds)
+        assert checkpoint.errors_by_raw_kind == dict(kinds)
+        categories = dict.fromkeys(CATEGORIES, 0)
+        for r in mine:
+            if r.has_error:
+                categories[r.error_category] += 1
+        assert checkpoint.errors_by_kind == categories
+        finishes = dict.fromkeys(FINISHES, 0)
+        for r in mine:
+            if not r.has_error:
+                finishes[r.finish_reason or "unknown"] += 1
+        assert checkpoint.finish_reasons == finishes
+        successes = sum(not r.has_error for r in mine)
+        assert checkpoint.tool_call_rate == (
+            finishes["tool_calls"] / successes if successes else None
+        )
         classes = defaultdict(int)
         for r in mine:
             classes[f"{r.status_code // 100}xx"] += 1
@@ -304,3 +334,25 @@ def test_a_value_is_within_one_percent_of_its_bins_value(value):
 
 def test_histogram_of_no_values_has_no_percentile():
     assert percentile([], 0.5) is None
+
+
+@pytest.mark.django_db
+def test_errors_recorded_before_categories_count_as_unclassified_after_a_rebuild():
+    """Rows written before the quality signals carry neither an error category nor a
+    finish reason: a rebuild counts their errors as unclassified and their answers'
+    finish reason as unknown, and every figure still adds up."""
+    from experiments.models import ExperimentRequest
+
+    seeded = seed_experiment(subjects=30, requests=150)
+    ExperimentRequest.objects.update(error_category=None, finish_reason=None)
+    rollups.rebuild()
+    report = experiment_report(seeded.experiment)
+    for checkpoint in report.checkpoints:
+        mine = [r for r in seeded.requests if r.version_id == checkpoint.version_id]
+        errors = sum(r.has_error for r in mine)
+        assert checkpoint.errors_by_kind == {**dict.fromkeys(CATEGORIES, 0), "unclassified": errors}
+        assert checkpoint.finish_reasons == {
+            **dict.fromkeys(FINISHES[:-1], 0),
+            "unknown": len(mine) - errors,
+        }
+    assert any("Unclassified errors were recorded before" in note for note in report.notes)

@@ -176,3 +176,43 @@ def test_a_segment_left_by_a_dead_process_is_adopted_and_written_once(spool_dir,
 
     assert GatewayUsage.objects.count() == 2
     assert ExperimentRequest.objects.get(usage_id=waiting.id).request_body_sha256 == prompt_hash
+
+
+def test_a_spool_line_from_before_finish_reasons_lands_without_one(spool_dir, version):
+    entry = attributed(version, finish_reason="length").spool_entry()
+    old = {name: value for name, value in entry.items() if name != "finish_reason"}
+    strange = {**entry, "id": uuid.uuid4().hex, "finish_reason": "not-a-reason"}
+    fresh = {**entry, "id": uuid.uuid4().hex}
+    rows = [record_rows(line, None) for line in (old, strange, fresh)]
+    write_rows(rows, Spool(spool_dir, 10**9, 1.0))
+    landed = dict(ExperimentRequest.objects.values_list("usage_id", "finish_reason"))
+    assert [landed[uuid.UUID(line["id"])] for line in (old, strange, fresh)] == [
+        None,
+        None,
+        "length",
+    ]
+
+
+def test_the_writer_derives_the_error_category_from_status_and_kind(spool_dir, version):
+    records = [
+        attributed(version, client_request_id="ok"),
+        attributed(
+            version,
+            client_request_id="forbidden",
+            status_code=403,
+            has_error=True,
+            error_kind="upstream_http_403",
+        ),
+        attributed(
+            version,
+            client_request_id="gateway",
+            status_code=503,
+            has_error=True,
+            error_kind="routing_unavailable",
+        ),
+    ]
+    submit_all(records)
+    categories = dict(ExperimentRequest.objects.values_list("client_request_id", "error_category"))
+    assert categories == {"ok": None, "forbidden": "auth", "gateway": "other"}
+    usage = GatewayUsage.objects.values_list("error_category", flat=True)
+    assert sorted(usage, key=lambda category: category or "") == [None, "auth", "other"]

@@ -24,12 +24,17 @@ from experiments.models import (
     RequestRollup,
     RollupResolution,
 )
+from experiments.quality import ERROR_CATEGORIES, FINISH_REASONS, TOOL_CALLS
 from experiments.reports.filters import ReportFilters
 from experiments.reports.histogram import percentile
 from experiments.reports.rollups import MEASURES
 from experiments.selectors import CheckpointSummary, SlotSummary
 
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "other")
+#: Errors recorded before error categories were (they count in no category).
+UNCLASSIFIED = "unclassified"
+#: Successful answers that reported no finish reason (or were recorded before them).
+UNKNOWN_FINISH = "unknown"
 
 
 @dataclass
@@ -45,7 +50,17 @@ class CheckpointStats(CheckpointSummary):
     errors: int = 0
     streamed: int = 0
     status_classes: dict[str, int] = field(default_factory=dict)
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    #: Errors by category (experiments.quality.ERROR_CATEGORIES, every one, and
+    #: ``unclassified`` when some errors predate the categories).
+    errors_by_kind: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(ERROR_CATEGORIES, 0)
+    )
+    #: Errors by the gateway's raw ``error_kind`` (e.g. ``upstream_http_503``).
+    errors_by_raw_kind: dict[str, int] = field(default_factory=dict)
+    #: Successful answers by finish reason (every one of FINISH_REASONS, and ``unknown``).
+    finish_reasons: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys((*FINISH_REASONS, UNKNOWN_FINISH), 0)
+    )
     input_tokens: int = 0
     output_tokens: int = 0
     ttfb_p50: float | None = None
@@ -74,6 +89,17 @@ class CheckpointStats(CheckpointSummary):
     @property
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
+
+    @property
+    def successes(self) -> int:
+        return self.requests - self.errors
+
+    @property
+    def tool_call_rate(self) -> float | None:
+        """Share of successful answers that ended in tool calls."""
+        if not self.successes:
+            return None
+        return self.finish_reasons.get(TOOL_CALLS, 0) / self.successes
 
     @property
     def feedback_count(self) -> int:
@@ -178,6 +204,12 @@ def fill_figures(by_version: dict[uuid.UUID, CheckpointStats], filters: ReportFi
         stats.total_mean = latency_sum / samples if samples else None
         stats.total_variance = _variance(samples, latency_sum, total["total_ms_sum_squares"])
         stats.first_request_at, stats.last_request_at = row["first"], row["last"]
+        stats.errors_by_kind = {c: total[f"errors_{c}"] for c in ERROR_CATEGORIES}
+        unclassified = stats.errors - sum(stats.errors_by_kind.values())
+        if unclassified:
+            stats.errors_by_kind[UNCLASSIFIED] = unclassified
+        stats.finish_reasons = {r: total[f"finish_{r}"] for r in FINISH_REASONS}
+        stats.finish_reasons[UNKNOWN_FINISH] = stats.successes - sum(stats.finish_reasons.values())
     for row in (
         ErrorKindRollup.objects.filter(window)
         .order_by()
@@ -185,7 +217,8 @@ def fill_figures(by_version: dict[uuid.UUID, CheckpointStats], filters: ReportFi
         .annotate(count=Sum("count"))
     ):
         if row["count"]:
-            by_version[row["variant_version_id"]].errors_by_kind[row["error_kind"]] = row["count"]
+            stats = by_version[row["variant_version_id"]]
+            stats.errors_by_raw_kind[row["error_kind"]] = row["count"]
     _fill_percentiles(by_version, filters.histogram_q() & Q(variant_version_id__in=ids))
     _fill_feedback(by_version, filters)
 

@@ -13,7 +13,17 @@ from itertools import combinations
 from django.utils import timezone
 
 from experiments.models import Experiment
+from experiments.quality import (
+    ERROR_CATEGORIES,
+    ERROR_CATEGORY_LABELS,
+    ERROR_CATEGORY_MEANING,
+    FINISH_REASON_LABELS,
+    FINISH_REASON_MEANING,
+    FINISH_REASONS,
+)
 from experiments.reports.figures import (
+    UNCLASSIFIED,
+    UNKNOWN_FINISH,
     CheckpointStats,
     SlotStats,
     TimeSeries,
@@ -24,6 +34,9 @@ from experiments.reports.filters import ReportFilters
 from experiments.reports.histogram import RELATIVE_ACCURACY
 from experiments.reports.statistics import Comparison, SrmResult, compare, sample_ratio_check
 from experiments.selectors import slot_histories
+
+#: A finish reason's cell: (count, share of successful answers).
+FinishCell = tuple[int, float | None]
 
 
 @dataclass
@@ -44,6 +57,40 @@ class ExperimentReport:
     @property
     def total_requests(self) -> int:
         return sum(slot.requests for slot in self.slots)
+
+    @property
+    def error_kind_columns(self) -> list[tuple[str, str]]:
+        """(name, label) of the error categories; ``unclassified`` only when some are."""
+        columns = [(name, ERROR_CATEGORY_LABELS[name]) for name in ERROR_CATEGORIES]
+        if any(c.errors_by_kind.get(UNCLASSIFIED) for c in self.checkpoints):
+            columns.append((UNCLASSIFIED, UNCLASSIFIED))
+        return columns
+
+    @property
+    def finish_columns(self) -> list[tuple[str, str]]:
+        return [(name, FINISH_REASON_LABELS[name]) for name in (*FINISH_REASONS, UNKNOWN_FINISH)]
+
+    @property
+    def quality_rows(
+        self,
+    ) -> list[tuple[CheckpointStats, list[int], list[tuple[int, float | None]]]]:
+        """Per checkpoint: its error counts by ``error_kind_columns`` and its (count, share
+        of successful answers) by ``finish_columns``, for the stats page."""
+        errors, finishes = self.error_kind_columns, self.finish_columns
+        rows = []
+        for c in self.checkpoints:
+            successes = c.successes
+            rows.append(
+                (
+                    c,
+                    [c.errors_by_kind.get(name, 0) for name, _ in errors],
+                    [
+                        (count, count / successes if successes else None)
+                        for count in (c.finish_reasons.get(name, 0) for name, _ in finishes)
+                    ],
+                )
+            )
+        return rows
 
     @property
     def windowed(self) -> bool:
@@ -84,6 +131,17 @@ class ExperimentReport:
             "the time of that request, not when the feedback was given; feedback whose "
             "request is unknown counts nowhere until it arrives. Share positive: 95% Wilson "
             "score interval."
+        )
+        notes.append(f"Errors by kind: {ERROR_CATEGORY_MEANING}")
+        if any(c.errors_by_kind.get(UNCLASSIFIED) for c in self.checkpoints):
+            notes.append(
+                "Unclassified errors were recorded before error categories were; their "
+                "answers' finish reasons count as unknown."
+            )
+        notes.append(FINISH_REASON_MEANING)
+        notes.append(
+            "Throughput: output tokens per second after the first byte, per request that "
+            "reported output tokens (percentiles from histograms, as latency)."
         )
         return notes
 

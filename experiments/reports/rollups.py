@@ -62,6 +62,7 @@ from experiments.models import (
     SlotSubject,
     VariantVersion,
 )
+from experiments.quality import ERROR_CATEGORIES, FINISH_REASONS
 from experiments.reports.histogram import KEY_MULTIPLIER, ZERO_KEY
 
 #: Rows of this process. 0 is the compacted (and rebuilt) share; the rest are random,
@@ -86,6 +87,8 @@ MEASURES = (
     "new_subjects",
     "new_slot_subjects",
     "new_messages",
+    *(f"errors_{category}" for category in ERROR_CATEGORIES),
+    *(f"finish_{reason}" for reason in FINISH_REASONS),
 )
 #: An error the gateway recorded without a kind.
 UNSPECIFIED_ERROR_KIND = "unspecified"
@@ -121,6 +124,8 @@ _SOURCE = (
     ("o", "bigint"),
     ("tf", "bigint"),
     ("tt", "bigint"),
+    ("ec", "text"),  # error category
+    ("fr", "text"),  # finish reason
 )
 #: First-seen changes: [checkpoint, kind, epoch, subjects, slot subjects, messages].
 _DELTAS = (("v", "uuid"), ("kind", "text"), ("e", "bigint"))
@@ -198,6 +203,8 @@ def _batch_json(rows: Sequence[Mapping[str, Any]]) -> str:
                 row["output_tokens"],
                 row["ttfb_ms"],
                 row["total_ms"],
+                row["error_category"],
+                row["finish_reason"],
             ]
         )
     return json.dumps(encoded, separators=(",", ":"))
@@ -247,25 +254,39 @@ def _upsert(model: type[models.Model], columns: Sequence[str], select: str, sums
     )
 
 
+#: ``RequestRollup`` counts of one category each: (measure, condition on a ``src`` row).
+#: Errors by category; finish reasons of successful answers only (an error's partial
+#: answer has no say in how answers end).
+_CATEGORY_COUNTS = (
+    *((f"errors_{c}", f"src.er AND src.ec = '{c}'") for c in ERROR_CATEGORIES),
+    *((f"finish_{r}", f"NOT src.er AND src.fr = '{r}'") for r in FINISH_REASONS),
+)
+
+
 def _counts_sql() -> str:
     """Counts and sums per checkpoint, kind and bucket, and the first-seen changes ``d``."""
     classes = ", ".join(
         f"CASE WHEN src.st >= {low} AND src.st < {low + 100} THEN 1 ELSE 0 END AS s{low // 100}"
         for low in (200, 300, 400, 500)
     )
+    categories = ", ".join(
+        f"CASE WHEN {condition} THEN 1 ELSE 0 END AS {name}" for name, condition in _CATEGORY_COUNTS
+    )
+    category_sums = ", ".join(f"SUM(x.{name})" for name, _ in _CATEGORY_COUNTS)
+    no_categories = ", ".join("0" for _ in _CATEGORY_COUNTS)
     select = (
         f"SELECT x.v, x.kind, l.res, {_BUCKET}, %(writer)s, SUM(x.n), SUM(x.er), SUM(x.str), "
         "SUM(x.s2), SUM(x.s3), SUM(x.s4), SUM(x.s5), SUM(x.n - x.s2 - x.s3 - x.s4 - x.s5), "
         "SUM(x.i), SUM(x.o), SUM(x.ts), SUM(x.tt), SUM(x.tt2), "
-        "SUM(x.ns), SUM(x.nss), SUM(x.nm), MIN(x.t), MAX(x.t) FROM ("
+        f"SUM(x.ns), SUM(x.nss), SUM(x.nm), {category_sums}, MIN(x.t), MAX(x.t) FROM ("
         "SELECT src.v, src.kind, src.e, src.t, 1 AS n, "
         "CASE WHEN src.er THEN 1 ELSE 0 END AS er, CASE WHEN src.str THEN 1 ELSE 0 END AS str, "
         f"{classes}, src.i, src.o, CASE WHEN src.tt IS NULL THEN 0 ELSE 1 END AS ts, "
         "COALESCE(src.tt, 0) AS tt, "
         "CAST(COALESCE(src.tt, 0) AS NUMERIC) * COALESCE(src.tt, 0) AS tt2, "
-        "0 AS ns, 0 AS nss, 0 AS nm FROM src "
+        f"0 AS ns, 0 AS nss, 0 AS nm, {categories} FROM src "
         "UNION ALL SELECT d.v, d.kind, d.e, NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, "
-        "d.ns, d.nss, d.nm FROM d"
+        f"d.ns, d.nss, d.nm, {no_categories} FROM d"
         f") AS x CROSS JOIN {_LEVELS} WHERE true GROUP BY x.v, x.kind, l.res, {_BUCKET}"
     )
     columns = [
@@ -462,7 +483,8 @@ def _raw_rows() -> str:
         f"r.allocation_subject AS kind, {epoch} AS e, r.created_at AS t, "
         f"r.allocation_subject_hash AS h, {digest} AS m, {month} AS mo, r.status_code AS st, "
         "r.has_error AS er, r.error_kind AS ek, r.is_stream AS str, r.input_tokens AS i, "
-        "r.output_tokens AS o, r.ttfb_ms AS tf, r.total_ms AS tt "
+        "r.output_tokens AS o, r.ttfb_ms AS tf, r.total_ms AS tt, "
+        "r.error_category AS ec, r.finish_reason AS fr "
         f"FROM {table} r JOIN {versions} vv ON vv.id = r.variant_version_id "
         "WHERE r.created_at >= %(since)s AND r.created_at < %(until)s)"
     )

@@ -16,6 +16,9 @@ Request-body directives (top-level keys) drive faults and timing:
 - ``demo_delay_ms``: delay before the first byte.
 - ``demo_chunk_delay_ms``: pause between streamed chunks.
 - ``demo_chunks``: number of content deltas in a stream (default 3).
+- ``demo_finish``: how the answer ends, in each API's own words: ``stop`` (default) |
+  ``length`` | ``tool_calls`` (the answer is one call of a ``lookup`` tool whose
+  arguments carry the echo) | ``content_filter``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ DEMO_MODELS = ("demo-model-rc1", "demo-model-rc2")
 FAULTS = frozenset({"http_500", "http_429", "http_400", "timeout", "cut_stream", "malformed_json"})
 DEFAULT_TIMEOUT_FAULT_DELAY_MS = 30_000
 DEFAULT_CHUNKS = 3
+FINISHES = ("stop", "length", "tool_calls", "content_filter")
+#: How each finish is said: chat ``finish_reason``, Anthropic ``stop_reason``, and
+#: Responses (``status``, ``incomplete_details.reason``).
+ANTHROPIC_STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "content_filter": "refusal",
+}
+RESPONSES_INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+TOOL_NAME = "lookup"
 # How many SSE events a cut stream sends before the connection is dropped.
 CUT_STREAM_EVENTS = 2
 
@@ -136,6 +150,16 @@ class EchoReply:
         self.output_tokens = _words(text)
         self.created = int(time.time())
         self.suffix = uuid.uuid4().hex[:24]
+        self.finish: str = body.get("demo_finish") or "stop"
+
+    @property
+    def tool_arguments(self) -> str:
+        """The arguments of the tool call a ``tool_calls`` answer makes (JSON text)."""
+        return json.dumps({"query": self.text})
+
+    @property
+    def tool_pieces(self) -> list[str]:
+        return _pieces(self.tool_arguments, len(self.pieces))
 
 
 # --- OpenAI chat completions -------------------------------------------------------------
@@ -149,6 +173,17 @@ def _chat_usage(reply: EchoReply) -> dict[str, int]:
     }
 
 
+def _chat_message(reply: EchoReply) -> dict[str, Any]:
+    if reply.finish == "tool_calls":
+        call = {
+            "id": f"call_{reply.suffix}",
+            "type": "function",
+            "function": {"name": TOOL_NAME, "arguments": reply.tool_arguments},
+        }
+        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+    return {"role": "assistant", "content": reply.text, "refusal": None}
+
+
 def chat_completion(reply: EchoReply) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{reply.suffix}",
@@ -159,9 +194,9 @@ def chat_completion(reply: EchoReply) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                "message": _chat_message(reply),
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": reply.finish,
             }
         ],
         "usage": _chat_usage(reply),
@@ -182,9 +217,15 @@ def chat_completion_events(reply: EchoReply) -> Iterator[tuple[str | None, Any]]
         }
 
     yield None, chunk({"role": "assistant", "content": ""})
-    for piece in reply.pieces:
-        yield None, chunk({"content": piece})
-    yield None, chunk({}, "stop")
+    if reply.finish == "tool_calls":
+        call = {"index": 0, "id": f"call_{reply.suffix}", "type": "function"}
+        yield None, chunk({"tool_calls": [{**call, "function": {"name": TOOL_NAME}}]})
+        for piece in reply.tool_pieces:
+            yield None, chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+    else:
+        for piece in reply.pieces:
+            yield None, chunk({"content": piece})
+    yield None, chunk({}, reply.finish)
     # Usage always comes in a final chunk with no choices, as with stream_options.include_usage.
     usage_chunk = chunk({})
     usage_chunk["choices"] = []
@@ -206,19 +247,40 @@ def _response_message(reply: EchoReply, text: str, status: str) -> dict[str, Any
     }
 
 
-def response_object(reply: EchoReply, *, status: str = "completed") -> dict[str, Any]:
-    done = status == "completed"
+def _response_tool_call(reply: EchoReply, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": f"fc_{reply.suffix}",
+        "call_id": f"call_{reply.suffix}",
+        "name": TOOL_NAME,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def _response_output(reply: EchoReply, status: str) -> dict[str, Any]:
+    if reply.finish == "tool_calls":
+        return _response_tool_call(reply, reply.tool_arguments, "completed")
+    return _response_message(reply, reply.text, status)
+
+
+def response_object(reply: EchoReply, *, status: str | None = None) -> dict[str, Any]:
+    """The response object; finished (as ``demo_finish`` says) unless ``status`` is given."""
+    incomplete = RESPONSES_INCOMPLETE_REASONS.get(reply.finish)
+    if status is None:
+        status = "incomplete" if incomplete else "completed"
+    done = status in ("completed", "incomplete")
     return {
         "id": f"resp_{reply.suffix}",
         "object": "response",
         "created_at": reply.created,
         "status": status,
         "error": None,
-        "incomplete_details": None,
+        "incomplete_details": {"reason": incomplete} if status == "incomplete" else None,
         "instructions": None,
         "max_output_tokens": None,
         "model": reply.model,
-        "output": [_response_message(reply, reply.text, status)] if done else [],
+        "output": [_response_output(reply, status)] if done else [],
         "parallel_tool_calls": True,
         "previous_response_id": None,
         "temperature": 1.0,
@@ -249,10 +311,22 @@ def response_events(reply: EchoReply) -> Iterator[tuple[str | None, Any]]:
         sequence += 1
         return kind, {"type": kind, "sequence_number": sequence - 1, **fields}
 
-    item_id = f"msg_{reply.suffix}"
-    position = {"output_index": 0, "item_id": item_id}
     yield event("response.created", response=response_object(reply, status="in_progress"))
     yield event("response.in_progress", response=response_object(reply, status="in_progress"))
+    final = response_object(reply)
+    if reply.finish == "tool_calls":
+        position = {"output_index": 0, "item_id": f"fc_{reply.suffix}"}
+        added = _response_tool_call(reply, "", "in_progress")
+        yield event("response.output_item.added", output_index=0, item=added)
+        for piece in reply.tool_pieces:
+            yield event("response.function_call_arguments.delta", **position, delta=piece)
+        arguments = reply.tool_arguments
+        yield event("response.function_call_arguments.done", **position, arguments=arguments)
+        yield event("response.output_item.done", output_index=0, item=final["output"][0])
+        yield event("response.completed", response=final)
+        return
+    item_id = f"msg_{reply.suffix}"
+    position = {"output_index": 0, "item_id": item_id}
     yield event(
         "response.output_item.added",
         output_index=0,
@@ -269,25 +343,30 @@ def response_events(reply: EchoReply) -> Iterator[tuple[str | None, Any]]:
     )
     full_part = {"type": "output_text", "text": reply.text, "annotations": []}
     yield event("response.content_part.done", **position, content_index=0, part=full_part)
-    yield event(
-        "response.output_item.done",
-        output_index=0,
-        item=_response_message(reply, reply.text, "completed"),
-    )
-    yield event("response.completed", response=response_object(reply))
+    yield event("response.output_item.done", output_index=0, item=final["output"][0])
+    yield event(f"response.{final['status']}", response=final)
 
 
 # --- Anthropic messages --------------------------------------------------------------------
 
 
+def _anthropic_tool_use(reply: EchoReply, arguments: Any) -> dict[str, Any]:
+    call_id = f"toolu_{reply.suffix}"
+    return {"type": "tool_use", "id": call_id, "name": TOOL_NAME, "input": arguments}
+
+
 def anthropic_message(reply: EchoReply) -> dict[str, Any]:
+    if reply.finish == "tool_calls":
+        content = [_anthropic_tool_use(reply, json.loads(reply.tool_arguments))]
+    else:
+        content = [{"type": "text", "text": reply.text}]
     return {
         "id": f"msg_{reply.suffix}",
         "type": "message",
         "role": "assistant",
         "model": reply.model,
-        "content": [{"type": "text", "text": reply.text}],
-        "stop_reason": "end_turn",
+        "content": content,
+        "stop_reason": ANTHROPIC_STOP_REASONS[reply.finish],
         "stop_sequence": None,
         "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
     }
@@ -298,26 +377,23 @@ def anthropic_message_events(reply: EchoReply) -> Iterator[tuple[str | None, Any
     start.update(content=[], stop_reason=None)
     start["usage"] = {"input_tokens": reply.input_tokens, "output_tokens": 1}
     yield "message_start", {"type": "message_start", "message": start}
-    yield (
-        "content_block_start",
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-    )
+    tool = reply.finish == "tool_calls"
+    block = _anthropic_tool_use(reply, {}) if tool else {"type": "text", "text": ""}
+    yield "content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}
     yield "ping", {"type": "ping"}
-    for piece in reply.pieces:
-        yield (
-            "content_block_delta",
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": piece},
-            },
+    for piece in reply.tool_pieces if tool else reply.pieces:
+        delta = (
+            {"type": "input_json_delta", "partial_json": piece}
+            if tool
+            else {"type": "text_delta", "text": piece}
         )
+        yield "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
     yield "content_block_stop", {"type": "content_block_stop", "index": 0}
     yield (
         "message_delta",
         {
             "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "delta": {"stop_reason": ANTHROPIC_STOP_REASONS[reply.finish], "stop_sequence": None},
             "usage": {"output_tokens": reply.output_tokens},
         },
     )
@@ -435,6 +511,11 @@ class DemoUpstream:
         fault = body.get("demo_fault")
         if fault is not None and fault not in FAULTS:
             raise DemoRequestError(400, f"unknown demo_fault {fault!r}", "invalid_demo_fault")
+        finish = body.get("demo_finish", "stop")
+        if finish not in FINISHES:
+            raise DemoRequestError(
+                400, f"demo_finish must be one of {', '.join(FINISHES)}", "invalid_demo_finish"
+            )
         default_delay = DEFAULT_TIMEOUT_FAULT_DELAY_MS if fault == "timeout" else 0
         delay_ms = _int_directive(body, "demo_delay_ms", default_delay, 0)
         chunk_delay_ms = _int_directive(body, "demo_chunk_delay_ms", 0, 0)

@@ -14,7 +14,8 @@ from typing import Any
 from django.core.management.base import CommandError, CommandParser
 
 from experiments.management.output import JsonCommand
-from experiments.reports.figures import CheckpointStats
+from experiments.quality import ERROR_CATEGORIES, FINISH_REASONS
+from experiments.reports.figures import UNCLASSIFIED, UNKNOWN_FINISH, CheckpointStats
 from experiments.reports.filters import ReportFilters, ReportInputError, parse_moment
 from experiments.reports.report import ExperimentReport, experiment_report
 from experiments.reports.statistics import SRM_THRESHOLD
@@ -41,6 +42,7 @@ CSV_COLUMNS = [
     "streamed",
     "input_tokens",
     "output_tokens",
+    "tool_call_rate",
     "feedback_up",
     "feedback_down",
     "feedback_share_up",
@@ -49,6 +51,10 @@ CSV_COLUMNS = [
 ]
 #: The feedback columns of a CSV row; nested as ``feedback`` in the JSON.
 FEEDBACK_COLUMNS = CSV_COLUMNS[-5:]
+#: The per-checkpoint breakdowns, flattened for the CSV (one column per category).
+ERROR_COLUMNS = [f"errors_{name}" for name in (*ERROR_CATEGORIES, UNCLASSIFIED)]
+FINISH_COLUMNS = [f"finish_{name}" for name in (*FINISH_REASONS, UNKNOWN_FINISH)]
+CSV_COLUMNS += [*ERROR_COLUMNS, *FINISH_COLUMNS]
 
 
 #: A spreadsheet reads a cell starting with one of these as a formula (OWASP, "CSV injection").
@@ -91,6 +97,7 @@ def checkpoint_record(checkpoint: CheckpointStats) -> dict:
         "streamed": checkpoint.streamed,
         "input_tokens": checkpoint.input_tokens,
         "output_tokens": checkpoint.output_tokens,
+        "tool_call_rate": checkpoint.tool_call_rate,
         "feedback_up": checkpoint.feedback_up,
         "feedback_down": checkpoint.feedback_down,
         "feedback_share_up": checkpoint.feedback_share_up,
@@ -109,6 +116,18 @@ def feedback_json(checkpoint: CheckpointStats) -> dict:
     }
 
 
+def checkpoint_row(checkpoint: CheckpointStats) -> dict:
+    """The CSV row: the record with the breakdowns flattened."""
+    return {
+        **checkpoint_record(checkpoint),
+        **{
+            f"errors_{name}": checkpoint.errors_by_kind.get(name, 0)
+            for name in (*ERROR_CATEGORIES, UNCLASSIFIED)
+        },
+        **{f"finish_{name}": count for name, count in checkpoint.finish_reasons.items()},
+    }
+
+
 def checkpoint_json(checkpoint: CheckpointStats) -> dict:
     """The CSV row plus the breakdowns that do not flatten into one."""
     record = checkpoint_record(checkpoint)
@@ -119,6 +138,8 @@ def checkpoint_json(checkpoint: CheckpointStats) -> dict:
         "status_classes": checkpoint.status_classes,
         "errors_by_kind": checkpoint.errors_by_kind,
         "feedback": feedback_json(checkpoint),
+        "errors_by_raw_kind": checkpoint.errors_by_raw_kind,
+        "finish_reasons": checkpoint.finish_reasons,
     }
 
 
@@ -239,6 +260,24 @@ def render_table(report: ExperimentReport) -> str:
         lines.append("  ".join(str(cell).ljust(width) for cell, width in cells))
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
+    lines += ["", "Quality signals (finish reasons: shares of successful answers):"]
+    for c in report.checkpoints:
+        counts = c.errors_by_kind
+        errors = ", ".join(
+            f"{label} {counts.get(name, 0):,}" for name, label in report.error_kind_columns
+        )
+        answered = c.successes
+        finishes = ", ".join(
+            f"{label} {_percent(c.finish_reasons.get(name, 0) / answered if answered else None)}"
+            for name, label in report.finish_columns
+        )
+        lines += [
+            f"  {c.slot_label}/{c.internal_id}:",
+            f"    errors by kind: {errors}",
+            f"    finish reasons: {finishes}",
+            f"    tool-call rate {_percent(c.tool_call_rate)}; throughput p50/p95 "
+            f"{_number(c.throughput_p50, 1)} / {_number(c.throughput_p95, 1)} tok/s",
+        ]
     lines += ["", *report.notes]
     srm = report.srm
     lines += ["", "Sample-ratio check (distinct subjects per slot vs weights, chi-square):"]
@@ -330,7 +369,7 @@ class Command(JsonCommand):
             writer.writeheader()
             for checkpoint in report.checkpoints:
                 writer.writerow(
-                    {name: csv_safe(value) for name, value in checkpoint_record(checkpoint).items()}
+                    {name: csv_safe(value) for name, value in checkpoint_row(checkpoint).items()}
                 )
         else:
             self.stdout.write(render_table(report), ending="")
