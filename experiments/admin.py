@@ -360,7 +360,10 @@ class ExperimentAdmin(admin.ModelAdmin):
     )
 
     def get_fieldsets(self, request, obj=None):
-        fieldsets = [(None, {"fields": ("name", "public_model_id", "description")})]
+        fieldsets = [
+            (None, {"fields": ("name", "public_model_id", "description")}),
+            ("Response capture", {"fields": ("response_capture_rate",)}),
+        ]
         if obj is not None:
             fieldsets.append(("Lifecycle", {"fields": self.lifecycle_fields}))
         return fieldsets
@@ -470,7 +473,7 @@ class ExperimentAdmin(admin.ModelAdmin):
         if change:
             changes = {
                 field: form.cleaned_data[field]
-                for field in ("name", "description", "public_model_id")
+                for field in ("name", "description", "public_model_id", "response_capture_rate")
                 if field in form.changed_data
             }
             if changes:
@@ -480,6 +483,7 @@ class ExperimentAdmin(admin.ModelAdmin):
             public_model_id=form.cleaned_data["public_model_id"],
             name=form.cleaned_data["name"],
             description=form.cleaned_data.get("description", ""),
+            response_capture_rate=form.cleaned_data.get("response_capture_rate") or 0,
             by=request.user,
         )
         # The admin redirects to the form's instance: make it the created row.
