@@ -741,6 +741,7 @@ class ExperimentAdmin(admin.ModelAdmin):
             ("stats/", report_views.experiment_stats, "stats"),
             ("requests/", report_views.experiment_requests, "requests"),
             ("requests/<uuid:usage_id>/", report_views.experiment_request_detail, "request_detail"),
+            ("compare/<str:prompt_sha256>/", report_views.experiment_compare, "compare"),
             ("feedback/", report_views.experiment_feedback, "feedback"),
         ]
         own = [

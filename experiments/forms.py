@@ -48,6 +48,7 @@ class ExperimentForm(forms.ModelForm):
             self.fields["response_capture_rate"] = forms.CharField(
                 label="Response capture rate (%)",
                 initial="0",
+                required=False,
                 help_text=(
                     "Share of requests whose answer is stored next to the prompt in the "
                     "prompt store (0 to 100, up to two decimals; 0 stores no answers). "
@@ -70,9 +71,10 @@ class ExperimentForm(forms.ModelForm):
         return _by_service(services.clean_description, self.cleaned_data["description"])
 
     def clean_response_capture_rate(self):
-        return _by_service(
-            services.clean_response_capture_rate, self.cleaned_data["response_capture_rate"]
-        )
+        value = self.cleaned_data["response_capture_rate"]
+        if value in (None, ""):
+            return self.instance.response_capture_rate  # left empty: unchanged
+        return _by_service(services.clean_response_capture_rate, value)
 
 
 class VariantForm(forms.ModelForm):
