@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -210,3 +211,143 @@ def test_gc_keeps_referenced_and_young_answers_and_removes_orphans(local_store):
     run("prompts", "gc")
     assert answer_keys(local_store) == {referenced, young}
     assert json.loads(local_store.get_answer(referenced)) == answer("referenced")
+
+
+# --- the request detail and the compare view ------------------------------------------------
+
+
+@pytest.fixture
+def two_checkpoints_one_prompt(local_store):
+    """An experiment whose two checkpoints answered the same prompt, one request without
+    a captured answer, and another prompt answered once."""
+    experiment = make_experiment()
+    first, second = versions(experiment)
+    prompt = local_store.put(
+        canonical_body(
+            {"model": "kilo/preview-foo", "messages": [{"role": "user", "content": "Weather?"}]}
+        )[0]
+    )
+    calm = local_store.put_answer(canonical_answer(answer("It is sunny in Paris.")))
+    tool = local_store.put_answer(
+        canonical_answer(
+            answer("Checking.", [{"name": "get_weather", "arguments": '{"city":"Paris"}'}])
+        )
+    )
+    rows = {
+        "first": attribute(first, prompt=prompt, answer_sha=calm),
+        "first_again": attribute(first, prompt=prompt, answer_sha=calm),
+        "second": attribute(second, prompt=prompt, answer_sha=tool),
+        "unsampled": attribute(second, prompt=prompt, answer_sha=None),
+    }
+    lonely_prompt = local_store.put(canonical_body({"model": "m", "messages": ["alone"]})[0])
+    rows["lonely"] = attribute(
+        first,
+        prompt=lonely_prompt,
+        answer_sha=local_store.put_answer(canonical_answer(answer("alone"))),
+    )
+    return experiment, prompt, rows
+
+
+def detail_url(experiment, row) -> str:
+    return reverse("admin:experiments_experiment_request_detail", args=[experiment.pk, row.pk])
+
+
+def compare_url(experiment, prompt: str) -> str:
+    return reverse("admin:experiments_experiment_compare", args=[experiment.pk, prompt])
+
+
+def test_the_detail_shows_the_answer_and_links_to_compare_when_siblings_exist(
+    client, two_checkpoints_one_prompt
+):
+    experiment, prompt, rows = two_checkpoints_one_prompt
+    client.force_login(SuperUserFactory())
+    page = client.get(detail_url(experiment, rows["second"])).content.decode()
+    assert "Checking." in page and "get_weather" in page and "&quot;city&quot;" in page
+    assert compare_url(experiment, prompt) in page
+
+    unsampled = client.get(detail_url(experiment, rows["unsampled"])).content.decode()
+    assert "No answer was captured for this request" in unsampled
+    assert compare_url(experiment, prompt) in unsampled  # its prompt has answered siblings
+
+    lonely = client.get(detail_url(experiment, rows["lonely"])).content.decode()
+    assert "alone" in lonely
+    assert 'id="compare-link"' not in lonely
+
+
+def test_the_compare_view_groups_answers_by_checkpoint(client, two_checkpoints_one_prompt):
+    experiment, prompt, rows = two_checkpoints_one_prompt
+    client.force_login(SuperUserFactory())
+    response = client.get(compare_url(experiment, prompt))
+    assert response.status_code == 200
+    checkpoints = response.context["checkpoints"]
+    by_label = {c.slot_label: c for c in checkpoints}
+    assert set(by_label) == {"slot-a", "slot-b"}
+    # The two identical answers of slot-a are shown once, with both requests.
+    assert [len(a.requests) for a in by_label["slot-a"].answers] == [2]
+    assert by_label["slot-a"].answers[0].answer.text == "It is sunny in Paris."
+    assert [a.answer.tool_calls[0]["name"] for a in by_label["slot-b"].answers] == ["get_weather"]
+    assert "Weather?" in response.content.decode()
+
+
+def test_the_compare_view_refuses_what_is_not_a_prompt_hash_and_is_bounded(
+    client, two_checkpoints_one_prompt, monkeypatch
+):
+    experiment, prompt, _ = two_checkpoints_one_prompt
+    client.force_login(SuperUserFactory())
+    assert client.get(compare_url(experiment, "__deleted__")).status_code == 404
+    assert client.get(compare_url(experiment, "A" * 64)).status_code == 404
+    empty = client.get(compare_url(experiment, "0" * 64))
+    assert "No captured answers to this prompt" in empty.content.decode()
+    other = make_experiment()
+    foreign = client.get(compare_url(other, prompt))
+    assert foreign.context["checkpoints"] == []  # another experiment's rows never show
+
+
+def test_without_view_prompt_no_answer_is_shown_anywhere(client, two_checkpoints_one_prompt):
+    from tests.test_admin import staff_with
+
+    experiment, prompt, rows = two_checkpoints_one_prompt
+    client.force_login(staff_with("view_experiment"))
+    page = client.get(detail_url(experiment, rows["second"]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Checking." not in html and "get_weather" not in html and "Weather?" not in html
+    assert "needs the same permission as prompts" in html
+    assert 'id="compare-link"' not in html
+    refused = client.get(compare_url(experiment, prompt))
+    assert refused.status_code == 403
+    assert "It is sunny" not in refused.content.decode()
+    assert "experiments.view_prompt" in refused.content.decode()
+
+    client.force_login(staff_with("view_experiment", "view_prompt"))
+    assert "Checking." in client.get(detail_url(experiment, rows["second"])).content.decode()
+    assert client.get(compare_url(experiment, prompt)).status_code == 200
+
+
+@pytest.mark.postgres
+def test_reading_answers_by_prompt_hash_uses_the_partial_index(two_checkpoints_one_prompt):
+    from django.db import connection
+
+    from experiments.reports.browser import _answered
+    from experiments.selectors import version_labels
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL plans only")
+    experiment, prompt, _ = two_checkpoints_one_prompt
+    queryset = _answered(experiment, prompt, version_labels(experiment))[:51]
+    sql, params = queryset.query.sql_with_params()
+    with transaction.atomic(), connection.cursor() as cursor:
+        # A handful of rows: make the planner show what it would do at scale.
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("EXPLAIN " + sql, params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        # On a partitioned table each partition has its own copy of the index.
+        cursor.execute(
+            "SELECT child.relname FROM pg_inherits JOIN pg_class child ON child.oid = inhrelid "
+            "JOIN pg_class parent ON parent.oid = inhparent WHERE parent.relname = %s",
+            ["mx_request_prompt_answered"],
+        )
+        names = {"mx_request_prompt_answered", *(row[0] for row in cursor.fetchall())}
+    used = re.findall(r"Index (?:Only )?Scan(?: Backward)? using (\S+)", plan)
+    assert used and set(used) <= names, plan
+    assert plan.startswith("Limit") and "Sort  " not in plan, plan
