@@ -59,6 +59,9 @@ class Experiment(models.Model):
         max_digits=5,
         decimal_places=2,
         default=Decimal(0),
+        # In the database too: a process of the previous release (a rolling deploy) inserts
+        # experiments without the column.
+        db_default=Decimal(0),
         validators=[MinValueValidator(0), MaxValueValidator(100)],
         help_text="Percent of requests whose answer is captured (0 to 100; 0 = none).",
     )

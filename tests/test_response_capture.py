@@ -351,3 +351,34 @@ def test_reading_answers_by_prompt_hash_uses_the_partial_index(two_checkpoints_o
     used = re.findall(r"Index (?:Only )?Scan(?: Backward)? using (\S+)", plan)
     assert used and set(used) <= names, plan
     assert plan.startswith("Limit") and "Sort  " not in plan, plan
+
+
+def test_an_experiment_inserted_without_the_rate_captures_nothing():
+    """A process of the previous release (a rolling deploy) does not know the column."""
+    from django.db import connection
+
+    experiment = make_experiment()
+    columns = [
+        f.column
+        for f in Experiment._meta.concrete_fields
+        if f.column not in ("response_capture_rate", "id", "public_model_id")
+    ]
+    values = [
+        getattr(experiment, f.attname)
+        for f in Experiment._meta.concrete_fields
+        if f.column in columns
+    ]
+    quote = connection.ops.quote_name
+    new_id = "9b6c3f0e-0000-4000-8000-000000000001"
+    names = ", ".join(quote(c) for c in ["id", "public_model_id", *columns])
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO model_experiment ({names}) "  # noqa: S608
+            f"VALUES ({', '.join(['%s'] * (len(columns) + 2))})",
+            [
+                new_id.replace("-", "") if connection.vendor == "sqlite" else new_id,
+                "kilo/old-release",
+                *values,
+            ],
+        )
+    assert Experiment.objects.get(public_model_id="kilo/old-release").response_capture_rate == 0

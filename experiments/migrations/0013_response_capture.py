@@ -4,7 +4,8 @@ to the prompt's on attribution rows.
 On PostgreSQL model_experiment_request is partitioned (0007): ADD COLUMN, the check and
 the partial index are declared on the parent and PostgreSQL applies them to every
 partition (and to partitions created later). The new column is nullable with no
-default, so adding it rewrites no partition.
+default, so adding it rewrites no partition. The rate has a database default (0) so a
+process of the previous release can still create experiments during a rolling deploy.
 """
 
 import django.core.validators
@@ -25,7 +26,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='experiment',
             name='response_capture_rate',
-            field=models.DecimalField(decimal_places=2, default=Decimal('0'), help_text='Percent of requests whose answer is captured (0 to 100; 0 = none).', max_digits=5, validators=[django.core.validators.MinValueValidator(0), django.core.validators.MaxValueValidator(100)]),
+            field=models.DecimalField(db_default=Decimal('0'), decimal_places=2, default=Decimal('0'), help_text='Percent of requests whose answer is captured (0 to 100; 0 = none).', max_digits=5, validators=[django.core.validators.MinValueValidator(0), django.core.validators.MaxValueValidator(100)]),
         ),
         migrations.AddField(
             model_name='experimentrequest',
