@@ -76,8 +76,9 @@ def setup_django() -> None:
     django.setup()
 
 
-def seed_bench_experiment(upstream_base_url: str):
-    """The active bench experiment (two variants on ``upstream_base_url``), fresh every run."""
+def seed_bench_experiment(upstream_base_url: str, *, response_capture_rate: str = "0"):
+    """The active bench experiment (two variants on ``upstream_base_url``), fresh every run,
+    capturing the answers of ``response_capture_rate`` percent of requests."""
     from experiments import services
     from experiments.models import Experiment, ExperimentStatus
 
@@ -89,7 +90,9 @@ def seed_bench_experiment(upstream_base_url: str):
         else:
             services.complete(experiment=old)
     experiment = services.create_experiment(
-        public_model_id=BENCH_PUBLIC_MODEL_ID, name=f"bench {datetime.now(UTC):%Y-%m-%d %H:%M}"
+        public_model_id=BENCH_PUBLIC_MODEL_ID,
+        name=f"bench {datetime.now(UTC):%Y-%m-%d %H:%M}",
+        response_capture_rate=response_capture_rate,
     )
     for label, internal_id in BENCH_VARIANTS:
         variant = services.add_variant(experiment=experiment, label=label, weight=1)

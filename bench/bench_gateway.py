@@ -1,6 +1,7 @@
 """Gateway vs direct, both against the same local demo upstream, on loopback.
 
 Run from the repository root:  python bench/bench_gateway.py  [--quick] [--request-ids]
+[--response-capture-rate PERCENT]
 
 Starts the demo upstream and the gateway (uvicorn, one worker) as real servers, then measures
 side by side: non-streaming at concurrency 1 and 32 (added median and p99 latency, requests
@@ -202,7 +203,12 @@ class Bench:
         }
 
 
-def start_servers(env: dict[str, str], app: str = "config.asgi:application", app_dir: str = "."):
+def start_servers(
+    env: dict[str, str],
+    app: str = "config.asgi:application",
+    app_dir: str = ".",
+    response_capture_rate: str = "0",
+):
     """The demo upstream and the gateway (``app``, imported from ``app_dir``) as servers."""
     upstream_port, gateway_port = free_port(), free_port()
     upstream = subprocess.Popen(
@@ -212,7 +218,9 @@ def start_servers(env: dict[str, str], app: str = "config.asgi:application", app
         env={**env, "BENCH_PARTNER_KEY": BENCH_PARTNER_KEY},
         stdout=subprocess.DEVNULL,
     )
-    seed_bench_experiment(f"http://127.0.0.1:{upstream_port}/v1")
+    seed_bench_experiment(
+        f"http://127.0.0.1:{upstream_port}/v1", response_capture_rate=response_capture_rate
+    )
     gateway = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", app, "--app-dir", app_dir, "--host", "127.0.0.1"]
         + ["--port", str(gateway_port), "--no-access-log", "--log-level", "warning"],
@@ -234,11 +242,12 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def report(non_streaming: list[dict], streaming: dict) -> str:
+def report(non_streaming: list[dict], streaming: dict, capture_rate: str = "0") -> str:
     lines = [
         f"Gateway vs direct to the same local demo upstream  ({machine_description()})",
         "Gateway: uvicorn config.asgi:application, one worker, PostgreSQL + Redis, usage and "
-        "attribution rows written for every request.",
+        "attribution rows written for every request; answers captured for "
+        f"{capture_rate}% of requests.",
         "",
         "Non-streaming chat completions",
         "| concurrency | requests | direct median | gateway median | added median | "
@@ -286,14 +295,14 @@ def report(non_streaming: list[dict], streaming: dict) -> str:
     return "\n".join(lines)
 
 
-async def run(bench: Bench, quick: bool) -> str:
+async def run(bench: Bench, quick: bool, capture_rate: str = "0") -> str:
     scale = 4 if quick else 1
     non_streaming = [
         await bench.non_streaming(total=2000 // scale, concurrency=1),
         await bench.non_streaming(total=6000 // scale, concurrency=32),
     ]
     streaming = await bench.streaming(total=200 // scale, chunks=20, chunk_delay_ms=5)
-    return report(non_streaming, streaming)
+    return report(non_streaming, streaming, capture_rate)
 
 
 def main() -> None:
@@ -304,14 +313,22 @@ def main() -> None:
         action="store_true",
         help="Send an X-Kilo-Request id with every gateway request (feedback joins run).",
     )
+    parser.add_argument(
+        "--response-capture-rate",
+        default="0",
+        metavar="PERCENT",
+        help="Percent of requests whose answer the gateway captures (default 0).",
+    )
     arguments = parser.parse_args()
-    quick = arguments.quick
+    quick, rate = arguments.quick, arguments.response_capture_rate
     env = configure_environment()
     progress("preparing the bench database (mx_bench) and Redis DB")
     create_database()
     setup_django()
     text = serve_and_measure(
-        env, lambda *servers: run(Bench(*servers, request_ids=arguments.request_ids), quick)
+        env,
+        lambda *servers: run(Bench(*servers, request_ids=arguments.request_ids), quick, rate),
+        response_capture_rate=rate,
     )
     print()
     print(text)
@@ -322,10 +339,13 @@ def serve_and_measure(
     measure: Callable[[int, int, int], Awaitable[str]],
     app: str = "config.asgi:application",
     app_dir: str = ".",
+    response_capture_rate: str = "0",
 ) -> str:
     """Start the servers, run ``measure(gateway_port, upstream_port, gateway_pid)`` on an
     event loop, stop the servers; what ``measure`` returned."""
-    upstream, gateway, upstream_port, gateway_port = start_servers(env, app, app_dir)
+    upstream, gateway, upstream_port, gateway_port = start_servers(
+        env, app, app_dir, response_capture_rate
+    )
     # Row counts are read between load runs, never during one: blocking there is harmless.
     # Set after the servers started so the gateway keeps Django's async safety checks.
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"

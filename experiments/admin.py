@@ -349,7 +349,10 @@ class ExperimentAdmin(admin.ModelAdmin):
     )
 
     def get_fieldsets(self, request, obj=None):
-        fieldsets = [(None, {"fields": ("name", "public_model_id", "description")})]
+        fieldsets = [
+            (None, {"fields": ("name", "public_model_id", "description")}),
+            ("Response capture", {"fields": ("response_capture_rate",)}),
+        ]
         if obj is not None:
             fieldsets.append(("Lifecycle", {"fields": self.lifecycle_fields}))
         return fieldsets
@@ -459,7 +462,7 @@ class ExperimentAdmin(admin.ModelAdmin):
         if change:
             changes = {
                 field: form.cleaned_data[field]
-                for field in ("name", "description", "public_model_id")
+                for field in ("name", "description", "public_model_id", "response_capture_rate")
                 if field in form.changed_data
             }
             if changes:
@@ -469,6 +472,7 @@ class ExperimentAdmin(admin.ModelAdmin):
             public_model_id=form.cleaned_data["public_model_id"],
             name=form.cleaned_data["name"],
             description=form.cleaned_data.get("description", ""),
+            response_capture_rate=form.cleaned_data.get("response_capture_rate") or 0,
             by=request.user,
         )
         # The admin redirects to the form's instance: make it the created row.
@@ -726,6 +730,7 @@ class ExperimentAdmin(admin.ModelAdmin):
             ("stats/", report_views.experiment_stats, "stats"),
             ("requests/", report_views.experiment_requests, "requests"),
             ("requests/<uuid:usage_id>/", report_views.experiment_request_detail, "request_detail"),
+            ("compare/<str:prompt_sha256>/", report_views.experiment_compare, "compare"),
             ("feedback/", report_views.experiment_feedback, "feedback"),
         ]
         own = [

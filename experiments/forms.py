@@ -35,11 +35,31 @@ class ExperimentForm(forms.ModelForm):
 
     class Meta:
         model = Experiment
-        fields = ["name", "public_model_id", "description"]
+        fields = ["name", "public_model_id", "description", "response_capture_rate"]
         widgets = {
             # A one-line id; the model's TextField would otherwise render a textarea.
             "public_model_id": forms.TextInput(attrs={"size": 40}),
         }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "response_capture_rate" in self.fields:
+            # Text, so "abc", "150" or "1.234" reach the service's rule and its wording.
+            self.fields["response_capture_rate"] = forms.CharField(
+                label="Response capture rate (%)",
+                initial="0",
+                required=False,
+                help_text=(
+                    "Share of requests whose answer is stored next to the prompt in the "
+                    "prompt store (0 to 100, up to two decimals; 0 stores no answers). "
+                    "Requests are sampled by a hash of their id."
+                ),
+                widget=forms.TextInput(attrs={"size": 8, "inputmode": "decimal"}),
+            )
+            if self.instance.pk is not None:
+                self.initial["response_capture_rate"] = (
+                    f"{self.instance.response_capture_rate.normalize():f}"
+                )
 
     def clean_name(self) -> str:
         return _by_service(services.clean_name, self.cleaned_data["name"])
@@ -49,6 +69,12 @@ class ExperimentForm(forms.ModelForm):
 
     def clean_description(self) -> str:
         return _by_service(services.clean_description, self.cleaned_data["description"])
+
+    def clean_response_capture_rate(self):
+        value = self.cleaned_data["response_capture_rate"]
+        if value in (None, ""):
+            return self.instance.response_capture_rate  # left empty: unchanged
+        return _by_service(services.clean_response_capture_rate, value)
 
 
 class VariantForm(forms.ModelForm):

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from decimal import Decimal
 
 from django.conf import settings
-from django.core.validators import MaxLengthValidator, MinLengthValidator, MinValueValidator
+from django.core.validators import (
+    MaxLengthValidator,
+    MaxValueValidator,
+    MinLengthValidator,
+    MinValueValidator,
+)
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -47,6 +53,18 @@ class Experiment(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    #: Share of requests (percent, two decimals) whose answer is captured into the prompt
+    #: store next to the request (SPEC §9). Opt-in: 0 captures nothing.
+    response_capture_rate = models.DecimalField(
+        max_digits=5,
+        decimal_places=2,
+        default=Decimal(0),
+        # In the database too: a process of the previous release (a rolling deploy) inserts
+        # experiments without the column.
+        db_default=Decimal(0),
+        validators=[MinValueValidator(0), MaxValueValidator(100)],
+        help_text="Percent of requests whose answer is captured (0 to 100; 0 = none).",
+    )
 
     class Meta:
         db_table = "model_experiment"
@@ -70,6 +88,10 @@ class Experiment(models.Model):
                 condition=Q(status__in=[s.value for s in ROUTING_STATUSES]),
                 name="model_experiment_one_routing_per_public_id",
             ),
+            models.CheckConstraint(
+                condition=Q(response_capture_rate__gte=0, response_capture_rate__lte=100),
+                name="model_experiment_response_capture_rate_range",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -78,6 +100,11 @@ class Experiment(models.Model):
     @property
     def is_routing(self) -> bool:
         return self.status in ROUTING_STATUSES
+
+    @property
+    def response_capture_basis_points(self) -> int:
+        """The capture rate in hundredths of a percent (0-10000), as the gateway samples."""
+        return int(self.response_capture_rate * 100)
 
     # What the lifecycle allows (SPEC §3). The services enforce these rules and the
     # admin hides what they would refuse, both through these predicates.
@@ -377,6 +404,10 @@ class ExperimentRequest(models.Model):
     request_kind = models.CharField(max_length=32, choices=RequestKind.choices)
     request_body_sha256 = models.CharField(max_length=64)
     was_truncated = models.BooleanField(default=False)
+    # The captured answer in the prompt store (SPEC §9), for sampled requests only:
+    # NULL when the request was not sampled (or had no answer), else like
+    # request_body_sha256 (a hash, or __failed__ / __deleted__).
+    response_sha256 = models.CharField(max_length=64, null=True, blank=True)
     created_at = models.DateTimeField()
     # Exact copies of the usage row's measures (USAGE_MEASURES), written in the
     # same transaction: reports and the request browser then read one table
@@ -441,12 +472,26 @@ class ExperimentRequest(models.Model):
                 name="mx_request_client_request_id",
                 condition=Q(client_request_id__isnull=False),
             ),
+            # The answer compare view: captured answers to one prompt, newest first.
+            # Partial: only sampled rows (an opt-in share) are in it.
+            models.Index(
+                fields=["request_body_sha256", "-created_at"],
+                include=["variant_version", "response_sha256"],
+                name="mx_request_prompt_answered",
+                condition=Q(response_sha256__isnull=False),
+            ),
         ]
         constraints = [
             models.CheckConstraint(
                 condition=Q(request_body_sha256__regex=r"^[0-9a-f]{64}$")
                 | Q(request_body_sha256__in=[PROMPT_HASH_FAILED, PROMPT_HASH_DELETED]),
                 name="model_experiment_request_sha256_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(response_sha256__isnull=True)
+                | Q(response_sha256__regex=r"^[0-9a-f]{64}$")
+                | Q(response_sha256__in=[PROMPT_HASH_FAILED, PROMPT_HASH_DELETED]),
+                name="model_experiment_request_response_sha256_valid",
             ),
             models.CheckConstraint(
                 condition=Q(allocation_subject__in=[s.value for s in AllocationSubject]),

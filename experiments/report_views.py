@@ -31,9 +31,16 @@ from experiments.models import (
     Experiment,
     FeedbackSource,
 )
-from experiments.prompts.store import get_prompt_store
+from experiments.prompts.answers import read_answer
+from experiments.prompts.store import get_prompt_store, is_sha256_hex
 from experiments.reports import charts
-from experiments.reports.browser import browse_requests, request_detail
+from experiments.reports.browser import (
+    COMPARE_LIMIT,
+    answered_requests,
+    browse_requests,
+    has_answered_siblings,
+    request_detail,
+)
 from experiments.reports.feedback import feedback_join
 from experiments.reports.filters import (
     BrowserFilters,
@@ -46,6 +53,7 @@ from experiments.reports.statistics import SRM_THRESHOLD
 from experiments.selectors import slot_histories, version_labels
 
 #: Prompts are user content: seeing an experiment's results does not imply reading them.
+#: Captured answers are read under the same permission.
 PROMPT_PERMISSION = "experiments.view_prompt"
 WINDOWS = {
     "hour": ("Last hour", timedelta(hours=1)),
@@ -255,26 +263,139 @@ def inflate_prompt(sha256: str) -> InflatedPrompt:
     )
 
 
+@dataclass
+class InflatedAnswer:
+    state: str  # none | ok | failed | deleted | missing | corrupt
+    text: str = ""
+    tool_calls: list[dict] | None = None
+    truncated: bool = False
+
+
+def inflate_answer(sha256: str | None) -> InflatedAnswer:
+    if sha256 is None:
+        return InflatedAnswer("none")
+    if sha256 == PROMPT_HASH_FAILED:
+        return InflatedAnswer("failed")
+    if sha256 == PROMPT_HASH_DELETED:
+        return InflatedAnswer("deleted")
+    try:
+        document = read_answer(sha256)
+    except KeyError as exc:
+        # A KeyError naming only the blob key means "absent"; with a reason, it is corrupt.
+        return InflatedAnswer("corrupt" if "(" in str(exc) else "missing")
+    except Exception:  # an unreachable store
+        return InflatedAnswer("corrupt")
+    calls = []
+    for call in document.get("tool_calls") or []:
+        if isinstance(call, dict):
+            calls.append(
+                {
+                    "name": str(call.get("name", "")),
+                    "arguments": _pretty_arguments(str(call.get("arguments", ""))),
+                }
+            )
+    return InflatedAnswer(
+        "ok",
+        text=str(document.get("text", "")),
+        tool_calls=calls,
+        truncated=bool(document.get("truncated")),
+    )
+
+
+def _pretty_arguments(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), indent=2, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return arguments
+
+
 def experiment_request_detail(
     request: HttpRequest, model_admin: ModelAdmin, experiment: Experiment, usage_id: uuid.UUID
 ) -> HttpResponse:
     row = request_detail(experiment, usage_id)
     if row is None:
         raise Http404("No such request in this experiment.")
+    may_read = request.user.has_perm(PROMPT_PERMISSION)
+    compare_url = ""
+    if may_read and has_answered_siblings(experiment, row):
+        compare_url = reverse(
+            "admin:experiments_experiment_compare",
+            args=[experiment.pk, row.request_body_sha256],
+        )
     context = _context(
         request,
         model_admin,
         experiment,
         "Request",
         row=row,
-        prompt=(
-            inflate_prompt(row.request_body_sha256)
-            if request.user.has_perm(PROMPT_PERMISSION)
-            else None
-        ),
+        prompt=inflate_prompt(row.request_body_sha256) if may_read else None,
+        answer=inflate_answer(row.response_sha256) if may_read else None,
+        compare_url=compare_url,
         back=request.GET.get("back", ""),
     )
     return render(request, "admin/experiments/experiment/request_detail.html", context)
+
+
+# --- answer compare -------------------------------------------------------------
+
+
+@dataclass
+class ComparedAnswer:
+    answer: InflatedAnswer
+    requests: list  # RequestRow, newest first
+
+
+@dataclass
+class ComparedCheckpoint:
+    version_id: uuid.UUID
+    slot_label: str
+    internal_id: str
+    answers: list[ComparedAnswer]
+
+
+def compare_checkpoints(rows) -> list[ComparedCheckpoint]:
+    """Rows grouped by checkpoint (slot label, then internal id), identical answers once."""
+    checkpoints: dict[uuid.UUID, ComparedCheckpoint] = {}
+    by_answer: dict[tuple[uuid.UUID, str], ComparedAnswer] = {}
+    loaded: dict[str, InflatedAnswer] = {}
+    for row in rows:
+        checkpoint = checkpoints.setdefault(
+            row.version_id, ComparedCheckpoint(row.version_id, row.slot_label, row.internal_id, [])
+        )
+        key = (row.version_id, row.response_sha256)
+        if key not in by_answer:
+            if row.response_sha256 not in loaded:
+                loaded[row.response_sha256] = inflate_answer(row.response_sha256)
+            by_answer[key] = ComparedAnswer(loaded[row.response_sha256], [])
+            checkpoint.answers.append(by_answer[key])
+        by_answer[key].requests.append(row)
+    return sorted(checkpoints.values(), key=lambda c: (c.slot_label, c.internal_id))
+
+
+def experiment_compare(
+    request: HttpRequest, model_admin: ModelAdmin, experiment: Experiment, prompt_sha256: str
+) -> HttpResponse:
+    if not is_sha256_hex(prompt_sha256):
+        raise Http404("Not a prompt hash.")
+    context = _context(
+        request, model_admin, experiment, "Compare answers", prompt_sha256=prompt_sha256
+    )
+    if not request.user.has_perm(PROMPT_PERMISSION):
+        context["error"] = (
+            "Comparing answers needs the permission to read prompts and answers (“Can read "
+            "the captured prompts of an experiment's requests”, experiments.view_prompt); ask "
+            "an administrator for it."
+        )
+        return render(request, "admin/experiments/experiment/compare.html", context, status=403)
+    rows, more = answered_requests(experiment, prompt_sha256)
+    context.update(
+        prompt=inflate_prompt(prompt_sha256) if rows else None,
+        checkpoints=compare_checkpoints(rows),
+        shown=len(rows),
+        more=more,
+        limit=COMPARE_LIMIT,
+    )
+    return render(request, "admin/experiments/experiment/compare.html", context)
 
 
 # --- feedback join ------------------------------------------------------------

@@ -12,8 +12,9 @@ Two kinds of keys, through Django's cache (django-redis in production):
 * ``MEMBERSHIP_KEY``: ``{"generation": n, "token": t, "ids": [...]}`` — the public ids with
   an active or paused experiment.
 * ``payload_key(public_id)``: the routing payload of that id (variants in id order with
-  weight, current version id, upstream JSON and the *ciphertext*; never a plaintext key),
-  tagged the same way. ``valid_until`` is the next pending ``effective_at``: a scheduled
+  weight, current version id, upstream JSON and the *ciphertext*; never a plaintext key;
+  and the experiment's response capture rate in basis points), tagged the same way.
+  ``valid_until`` is the next pending ``effective_at``: a scheduled
   checkpoint takes over at that moment without any commit, so the payload expires then.
 
 After each commit the writer rewrites membership, so gateway workers take it from Redis
@@ -127,7 +128,7 @@ def build_payload(public_model_id: str, *, moment=None) -> dict[str, Any] | None
     """The routing payload for a public id, or None when no experiment routes it."""
     experiment = (
         Experiment.objects.filter(public_model_id=public_model_id, status__in=ROUTING_STATUSES)
-        .only("id", "status", "public_model_id")
+        .only("id", "status", "public_model_id", "response_capture_rate")
         .first()
     )
     if experiment is None:
@@ -159,6 +160,8 @@ def build_payload(public_model_id: str, *, moment=None) -> dict[str, Any] | None
         "public_model_id": experiment.public_model_id,
         "status": experiment.status,
         "valid_until": pending.timestamp() if pending else None,
+        # Hundredths of a percent of requests whose answer the gateway captures.
+        "response_capture_basis_points": experiment.response_capture_basis_points,
         "variants": [
             {
                 "id": str(v["id"]),

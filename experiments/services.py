@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.conf import settings
@@ -141,6 +142,7 @@ FIELD_NAMES = {
     "public_model_id": "Public model id",
     "label": "Label",
     "weight": "Weight",
+    "response_capture_rate": "Response capture rate",
 }
 
 
@@ -193,23 +195,58 @@ def clean_weight(value: Any) -> int:
     return weight
 
 
+RESPONSE_CAPTURE_RATE_RULE = (
+    "Response capture rate must be a percentage from 0 to 100 with at most two decimals "
+    "(for example 0, 5 or 12.5)."
+)
+
+
+def clean_response_capture_rate(value: Any) -> Decimal:
+    """A percentage of requests, 0-100 with at most two decimals; "12.5%" is accepted."""
+    if isinstance(value, bool) or value is None:
+        raise InvalidInput(RESPONSE_CAPTURE_RATE_RULE, field="response_capture_rate")
+    text = str(value).strip().removesuffix("%").strip()
+    try:
+        rate = Decimal(text)
+    except InvalidOperation:
+        raise InvalidInput(RESPONSE_CAPTURE_RATE_RULE, field="response_capture_rate") from None
+    if not rate.is_finite() or rate < 0 or rate > 100 or rate != rate.quantize(Decimal("0.01")):
+        raise InvalidInput(RESPONSE_CAPTURE_RATE_RULE, field="response_capture_rate")
+    return rate.quantize(Decimal("0.01"))
+
+
+def format_rate(rate: Decimal) -> str:
+    """ "12.5%", "0%", "100%": a capture rate as people write it."""
+    return f"{rate.normalize():f}%"
+
+
 # --- experiments -------------------------------------------------------------
 
 
 def create_experiment(
-    *, public_model_id: str, name: str, description: str = "", by=None
+    *,
+    public_model_id: str,
+    name: str,
+    description: str = "",
+    response_capture_rate: Any = 0,
+    by=None,
 ) -> Experiment:
     experiment = Experiment(
         public_model_id=clean_public_model_id(public_model_id),
         name=clean_name(name),
         description=clean_description(description),
+        response_capture_rate=clean_response_capture_rate(response_capture_rate),
         created_by=_actor(by),
     )
+    message = "Created experiment (draft)."
+    if experiment.response_capture_rate:
+        message = (
+            "Created experiment (draft), capturing "
+            f"{format_rate(experiment.response_capture_rate)} of answers."
+        )
     with transaction.atomic():
         experiment.save()
-        record_history(
-            obj=experiment, by=by, action=ADDITION, message="Created experiment (draft)."
-        )
+        record_history(obj=experiment, by=by, action=ADDITION, message=message)
     return experiment
 
 
@@ -220,10 +257,19 @@ def update_experiment(
     name: str | None = None,
     description: str | None = None,
     public_model_id: str | None = None,
+    response_capture_rate: Any = None,
 ) -> Experiment:
+    """Change what is given. The capture rate may change in any status (it is read by
+    the gateway with the routing payload, so saving it moves the routing generation)."""
+    rate = (
+        None
+        if response_capture_rate is None
+        else clean_response_capture_rate(response_capture_rate)
+    )
     with transaction.atomic():
         exp = _locked_experiment(experiment)
         changed: list[str] = []
+        notes: list[str] = []
         if name is not None:
             exp.name = clean_name(name)
             changed.append("name")
@@ -236,9 +282,21 @@ def update_experiment(
                 _require_draft(exp, "change the public model id")
                 exp.public_model_id = new_id
                 changed.append("public_model_id")
+        if rate is not None and rate != exp.response_capture_rate:
+            notes.append(
+                f"response capture rate {format_rate(exp.response_capture_rate)} → "
+                f"{format_rate(rate)}"
+            )
+            exp.response_capture_rate = rate
+            changed.append("response_capture_rate")
         if changed:
             exp.save(update_fields=[*changed, "updated_at"])
-            record_history(obj=exp, by=by, action=CHANGE, message=f"Changed {', '.join(changed)}.")
+            fields = [name for name in changed if name != "response_capture_rate"]
+            message = "; ".join(
+                ([f"Changed {', '.join(fields)}"] if fields else [])
+                + [f"Changed {note}" for note in notes]
+            )
+            record_history(obj=exp, by=by, action=CHANGE, message=f"{message}.")
     return exp
 
 

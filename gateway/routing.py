@@ -124,6 +124,8 @@ class Route:
     #: The subject's pseudonym in attribution rows: the first 16 bytes of the
     #: SHA-256 of the bucketing seed, taken from the digest the picker computed.
     subject_hash: uuid.UUID | None = None
+    #: Hundredths of a percent of requests whose answer is captured (0: none).
+    capture_basis_points: int = 0
 
     @property
     def is_experimented(self) -> bool:
@@ -482,6 +484,7 @@ class Router:
             version_id=str(variant["version_id"]),
             subject_kind=subject.kind,
             subject_hash=subject_hash_of_digest(digest),
+            capture_basis_points=_capture_basis_points(payload),
         )
 
     async def callable_ids(self) -> list[str]:
@@ -493,6 +496,15 @@ class Router:
             if payload is not None and payload["status"] == ExperimentStatus.ACTIVE:
                 ids.append(public_model_id)
         return ids
+
+
+def _capture_basis_points(payload: dict[str, Any]) -> int:
+    """The payload's capture rate; anything malformed (or a payload built before the rate
+    existed) captures nothing."""
+    value = payload.get("response_capture_basis_points", 0)
+    if type(value) is not int or not 0 <= value <= 10_000:
+        return 0
+    return value
 
 
 def _identifiers_of(variants: list[dict[str, Any]], public_model_id: str) -> CheckpointIdentifiers:

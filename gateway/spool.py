@@ -11,7 +11,8 @@ replays it (the writer inserts by the records' own ids, so a replay counts once)
 
 Lines: a record (``{"id": ..., ...}``, see ``gateway.usage``), or the prompt hash the
 writer captured for a record (``{"prompt_of": id, "sha256": ..., "truncated": ...}``),
-written only when the record could not go to the database at once.
+or the hash of a sampled answer it captured (``{"answer_of": id, "sha256": ...}``),
+both written only when the record could not go to the database at once.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,7 @@ class SegmentContents:
     records: list[dict[str, Any]]
     prompts: dict[str, tuple[str, bool]]
     unreadable: list[str]
+    answers: dict[str, str] = field(default_factory=dict)
 
 
 def read_segment(path: Path) -> SegmentContents:
@@ -297,6 +299,7 @@ def read_segment(path: Path) -> SegmentContents:
     """
     records: list[dict[str, Any]] = []
     prompts: dict[str, tuple[str, bool]] = {}
+    answers: dict[str, str] = {}
     unreadable: list[str] = []
     with open(path, "rb") as handle:
         for raw in _lines(handle):
@@ -307,9 +310,11 @@ def read_segment(path: Path) -> SegmentContents:
                 continue
             if "prompt_of" in line:
                 prompts[line["prompt_of"]] = (line["sha256"], bool(line["truncated"]))
+            elif "answer_of" in line:
+                answers[line["answer_of"]] = line["sha256"]
             else:
                 records.append(line)
-    return SegmentContents(records, prompts, unreadable)
+    return SegmentContents(records, prompts, unreadable, answers)
 
 
 def _lines(handle) -> Iterator[bytes]:

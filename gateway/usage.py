@@ -7,6 +7,8 @@ thread captures the prompt blob and inserts batches of ``gateway_usage`` and
 ``model_experiment_request`` rows (same ``created_at``), adds them to the rollups and joins
 feedback that was waiting for them (``experiments.feedback.join_landed``), all in one
 transaction; every ``FEEDBACK_SWEEP_SECONDS`` it also rejoins the last minutes' feedback.
+For a request whose answer was sampled it also assembles and stores the answer
+(``experiments.prompts.answers``).
 
 Exactly once by identity: a record's usage id is assigned when it is created and every
 insert is ``ON CONFLICT DO NOTHING``, so replaying a segment after a crash, or retrying a
@@ -43,6 +45,7 @@ from django.db import DataError, Error, IntegrityError, connection, transaction
 
 from experiments.feedback import join_landed, rejoin_recent
 from experiments.models import PROMPT_HASH_FAILED, USAGE_MEASURES, ExperimentRequest
+from experiments.prompts.answers import CapturedAnswer, capture_answer
 from experiments.prompts.store import capture_prompt
 from experiments.quality import FINISH_REASONS, error_category
 from experiments.reports.rollups import record_requests
@@ -95,6 +98,8 @@ class Attribution:
     allocation_subject_hash: uuid.UUID | None
     #: The transformed body sent upstream; hashed and stored by the writer.
     upstream_body: Any
+    #: A sampled request's answer as relayed; assembled and stored by the writer.
+    answer: CapturedAnswer | None = None
 
 
 @dataclass
@@ -146,6 +151,10 @@ class UsageRecord:
                 "allocation_subject_hash": subject_hash.hex if subject_hash else None,
                 "client_request_id": attribution.client_request_id,
             }
+            if attribution.answer is not None:
+                # Sampled: a replay without the writer's "answer_of" line knows the capture
+                # was lost (``__failed__``) rather than never wanted (NULL).
+                entry["attribution"]["answer"] = True
         return entry
 
 
@@ -164,8 +173,11 @@ class RecordRows:
     attribution: dict[str, Any] | None
 
 
-def record_rows(entry: dict[str, Any], prompt: tuple[str, bool] | None) -> RecordRows:
-    """The rows of a spool entry; ``prompt`` is (sha256 or ``__failed__``, was_truncated)."""
+def record_rows(
+    entry: dict[str, Any], prompt: tuple[str, bool] | None, answer: str | None = None
+) -> RecordRows:
+    """The rows of a spool entry; ``prompt`` is (sha256 or ``__failed__``, was_truncated),
+    ``answer`` the captured answer's sha256 (or ``__failed__``) of a sampled request."""
     usage = {
         "id": uuid.UUID(entry["id"]),
         "created_at": datetime.fromisoformat(entry["created_at"]),
@@ -202,6 +214,7 @@ def record_rows(entry: dict[str, Any], prompt: tuple[str, bool] | None) -> Recor
         "request_kind": usage["request_kind"],
         "request_body_sha256": sha256,
         "was_truncated": truncated,
+        "response_sha256": (answer or PROMPT_HASH_FAILED) if attributed.get("answer") else None,
         "created_at": usage["created_at"],
         # Copies of the usage row's measures, inserted in the same transaction.
         **{name: usage[name] for name in USAGE_MEASURES},
@@ -418,6 +431,8 @@ class _Queued:
     entry: dict[str, Any]
     #: The transformed upstream body (attributed records only), captured by the writer.
     upstream_body: Any
+    #: A sampled answer (attributed records only), captured by the writer.
+    answer: CapturedAnswer | None
     #: Where the record's line is; None if the spool could not be written.
     segment: Segment | None
 
@@ -468,8 +483,10 @@ class UsageWriter:
             self.start()
             entry = record.spool_entry()
             segment = self._spool.append(json_line(entry))
-            body = record.attribution.upstream_body if record.attribution else None
-            self._queue.put_nowait(_Queued(entry, body, segment))
+            attribution = record.attribution
+            body = attribution.upstream_body if attribution else None
+            answer = attribution.answer if attribution else None
+            self._queue.put_nowait(_Queued(entry, body, answer, segment))
         except Exception:
             logger.exception("usage record could not be queued")
 
@@ -582,6 +599,7 @@ class UsageWriter:
                 record_rows(
                     item.entry,
                     capture_prompt(item.upstream_body) if "attribution" in item.entry else None,
+                    capture_answer(item.answer) if item.answer is not None else None,
                 )
                 for item in batch[start : start + PREPARE_CHUNK]
             ]
@@ -606,6 +624,11 @@ class UsageWriter:
                             "truncated": attribution["was_truncated"],
                         }
                     ),
+                )
+            answer = attribution["response_sha256"] if attribution is not None else None
+            if answer is not None and answer != PROMPT_HASH_FAILED:
+                spool.append_to(
+                    segment, json_line({"answer_of": item.entry["id"], "sha256": answer})
                 )
             segment.needs_replay = True
             segment.processed += 1
@@ -659,7 +682,12 @@ class UsageWriter:
         pending, malformed = [], []
         for entry in contents.records:
             try:
-                pending.append(record_rows(entry, contents.prompts.get(entry.get("id"))))
+                record_id = entry.get("id")
+                pending.append(
+                    record_rows(
+                        entry, contents.prompts.get(record_id), contents.answers.get(record_id)
+                    )
+                )
             except (KeyError, TypeError, ValueError):
                 malformed.append(_quarantine_entry(entry, "malformed spool record", "set_aside"))
         try:

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from experiments.feedback import check_feedback, record_feedback
 from experiments.models import FeedbackSource, RequestKind
+from experiments.prompts.answers import CapturedAnswer, is_sampled
 from gateway import auth, errors
 from gateway.blinding import Blinder, FinishReason, TokenUsage, client_headers
 from gateway.errors import GatewayError
@@ -88,7 +90,17 @@ class Exchange:
         self.ttfb_ms: int | None = None
         self.tokens = TokenUsage()
         self.finish = FinishReason()
+        #: The usage row's id, fixed now: response capture samples by it.
+        self.usage_id = uuid.uuid4()
+        #: The captured answer of a sampled request, once there is one to store.
+        self.answer: CapturedAnswer | None = None
         self._recorded = False
+
+    def sample_answer(self, route: Route, blinder: Blinder) -> CapturedAnswer | None:
+        """A capture for this request's answer, if its experiment samples it (else None)."""
+        if route.capture_basis_points and is_sampled(self.usage_id, route.capture_basis_points):
+            return CapturedAnswer(self.kind, scrub=blinder.scrubber.text)
+        return None
 
     def first_byte(self) -> None:
         if self.ttfb_ms is None:
@@ -111,6 +123,7 @@ class Exchange:
                 allocation_subject_hash=route.subject_hash,
                 client_request_id=self.client_request_id,
                 upstream_body=self.upstream_body,
+                answer=self.answer,
             )
         writer.submit(
             UsageRecord(
@@ -128,6 +141,7 @@ class Exchange:
                 ttfb_ms=self.ttfb_ms,
                 total_ms=_elapsed_ms(self.started),
                 attribution=attribution,
+                id=self.usage_id,
             )
         )
 
@@ -338,10 +352,14 @@ async def call_upstream(request, exchange: Exchange, route: Route, kind: str) ->
     upstream = await shared_client.send(
         upstream_request(request.headers, route, kind, exchange.upstream_body)
     )
+    # Only successful answers are captured; at a rate of 0 this is one integer test.
+    answer = exchange.sample_answer(route, blinder) if upstream.status < 400 else None
     if upstream.status < 400 and upstream.is_event_stream:
         exchange.first_byte()
+        # What the client saw is captured, also when the stream is cut later.
+        exchange.answer = answer
         return StreamingHttpResponse(
-            relay(exchange, upstream, EventRewriter(blinder), kind),
+            relay(exchange, upstream, EventRewriter(blinder), kind, answer),
             content_type="text/event-stream; charset=utf-8",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
@@ -364,14 +382,27 @@ async def call_upstream(request, exchange: Exchange, route: Route, kind: str) ->
             content = blinder.body(raw)
         except (ValueError, UnicodeDecodeError):
             raise errors.upstream_malformed() from None
+        if answer is not None:
+            # The bytes the client gets (blinded, key scrubbed); assembled by the writer.
+            answer.body = content
+            exchange.answer = answer
         response = HttpResponse(content, status=upstream.status, content_type="application/json")
     for name, value in client_headers(upstream.headers).items():
         response[name] = value
     return response
 
 
-async def relay(exchange: Exchange, upstream: UpstreamResponse, rewriter: EventRewriter, kind: str):
-    """Relay events as they arrive; end with an error event if the upstream fails mid-way."""
+async def relay(
+    exchange: Exchange,
+    upstream: UpstreamResponse,
+    rewriter: EventRewriter,
+    kind: str,
+    answer: CapturedAnswer | None = None,
+):
+    """Relay events as they arrive; end with an error event if the upstream fails mid-way.
+
+    A sampled answer keeps a reference to each relayed chunk (bounded); nothing else.
+    """
     completed = False
     try:
         fault: GatewayError | None = None
@@ -381,6 +412,8 @@ async def relay(exchange: Exchange, upstream: UpstreamResponse, rewriter: EventR
             ):
                 out = rewriter.event(raw)
                 if out:
+                    if answer is not None:
+                        answer.add(out)
                     yield out
             if not rewriter.finished:
                 fault = errors.upstream_cut()
@@ -393,6 +426,8 @@ async def relay(exchange: Exchange, upstream: UpstreamResponse, rewriter: EventR
         except MalformedEvent:
             held, fault = b"", fault or errors.upstream_malformed()
         if held:
+            if answer is not None:
+                answer.add(held)
             yield held
         if fault is not None:
             # Headers (200) are already sent: the status stays, the error is in the stream.

@@ -37,6 +37,11 @@ def test_the_gateway_captures_prompts_through_the_experiments_prompt_store():
     assert not (ROOT / "gateway" / "prompt_store.py").exists()
 
 
+def test_the_gateway_captures_answers_through_the_experiments_prompt_store():
+    assert "experiments.prompts.answers" in imported_modules(ROOT / "gateway" / "usage.py")
+    assert "experiments.prompts.answers" in imported_modules(ROOT / "gateway" / "views.py")
+
+
 def test_report_pages_need_no_url_ordering_trick():
     assert not (ROOT / "experiments" / "report_urls.py").exists()
     # The admin's own URLs serve the report pages: the URLconf includes nothing of experiments.

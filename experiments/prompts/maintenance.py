@@ -5,7 +5,8 @@ GC safety (see also the layout notes in ``experiments.prompts.store``):
 * A blob younger than the grace period is never deleted, so a write in flight
   (parts → manifest → row) is safe.
 * A request blob is live when a row references it; a part is live when a live
-  manifest references it. Manifests that are themselves garbage do not keep
+  manifest references it; an answer blob is live when a row's ``response_sha256``
+  references it. Manifests that are themselves garbage do not keep
   their parts alive, so one run collects both.
 * The store refreshes the age of a blob it reuses, and GC re-reads a
   candidate's age right before deleting it: a blob that became referenced
@@ -32,6 +33,7 @@ from experiments.models import (
     ExperimentRequest,
 )
 from experiments.prompts.store import (
+    ANSWER_NAMESPACE,
     PART_NAMESPACE,
     PART_TOUCH_TTL_SECONDS,
     REQUEST_NAMESPACE,
@@ -57,6 +59,8 @@ class WipeResult:
     wiped: int
     already_deleted: int
     failed_left: int
+    #: Captured answers wiped with the prompts (SPEC §9: answers live with prompts).
+    answers_wiped: int = 0
 
 
 def _experiment_rows(experiment: Experiment, before: datetime | None):
@@ -64,12 +68,17 @@ def _experiment_rows(experiment: Experiment, before: datetime | None):
     return rows.filter(created_at__lt=before) if before is not None else rows
 
 
+def _answer_rows(rows):
+    return rows.filter(response_sha256__isnull=False).exclude(response_sha256=PROMPT_HASH_DELETED)
+
+
 def count_wipeable(*, experiment: Experiment, before: datetime | None = None) -> int:
+    """Rows with a stored prompt or a captured answer (or a failed answer capture) to wipe."""
+    rows = _experiment_rows(experiment, before)
     return (
-        _experiment_rows(experiment, before)
-        .exclude(request_body_sha256__in=[PROMPT_HASH_DELETED, PROMPT_HASH_FAILED])
-        .count()
-    )
+        rows.exclude(request_body_sha256__in=[PROMPT_HASH_DELETED, PROMPT_HASH_FAILED])
+        | _answer_rows(rows)
+    ).count()
 
 
 def wipe_prompts(*, experiment: Experiment, before: datetime | None = None) -> WipeResult:
@@ -86,7 +95,15 @@ def wipe_prompts(*, experiment: Experiment, before: datetime | None = None) -> W
         wiped = rows.exclude(
             request_body_sha256__in=[PROMPT_HASH_DELETED, PROMPT_HASH_FAILED]
         ).update(request_body_sha256=PROMPT_HASH_DELETED)
-    return WipeResult(wiped=wiped, already_deleted=already_deleted, failed_left=failed_left)
+        # A captured answer goes with its prompt; a failed capture says nothing any more
+        # once the prompt is gone, so it becomes __deleted__ too.
+        answers_wiped = _answer_rows(rows).update(response_sha256=PROMPT_HASH_DELETED)
+    return WipeResult(
+        wiped=wiped,
+        already_deleted=already_deleted,
+        failed_left=failed_left,
+        answers_wiped=answers_wiped,
+    )
 
 
 # --- Garbage collection ------------------------------------------------------
@@ -123,6 +140,8 @@ class GcSummary:
 def _kind(blob: BlobInfo) -> str:
     if not is_sha256_hex(blob.sha256):
         return "temp"
+    if blob.namespace == ANSWER_NAMESPACE:
+        return "answer"
     return "request" if blob.namespace == REQUEST_NAMESPACE else "part"
 
 
@@ -133,6 +152,16 @@ def _referenced_request_digests() -> set[bytes]:
             request_body_sha256__in=[PROMPT_HASH_DELETED, PROMPT_HASH_FAILED]
         )
         .values_list("request_body_sha256", flat=True)
+        .distinct()
+    )
+    return {bytes.fromhex(value) for value in hashes.iterator(chunk_size=10_000)}
+
+
+def _referenced_answer_digests() -> set[bytes]:
+    hashes = (
+        ExperimentRequest.objects.filter(response_sha256__isnull=False)
+        .exclude(response_sha256__in=[PROMPT_HASH_DELETED, PROMPT_HASH_FAILED])
+        .values_list("response_sha256", flat=True)
         .distinct()
     )
     return {bytes.fromhex(value) for value in hashes.iterator(chunk_size=10_000)}
@@ -167,8 +196,10 @@ def collect_garbage(
     # and a row committed before it is seen.
     request_blobs = list(backend.list(REQUEST_NAMESPACE))
     part_blobs = list(backend.list(PART_NAMESPACE))
+    answer_blobs = list(backend.list(ANSWER_NAMESPACE))
     referenced = _referenced_request_digests()
-    total = len(request_blobs) + len(part_blobs)
+    referenced_answers = _referenced_answer_digests()
+    total = len(request_blobs) + len(part_blobs) + len(answer_blobs)
 
     candidates: list[BlobInfo] = []
     live_parts: set[str] = set()
@@ -202,6 +233,21 @@ def collect_garbage(
         else:
             candidates.append(blob)
         report("scan", done, total)
+
+    # Answers: whole blobs, live while a row references them.
+    stored_answers: set[bytes] = set()
+    for done, blob in enumerate(answer_blobs, start=len(request_blobs) + len(part_blobs) + 1):
+        kind = _kind(blob)
+        is_referenced = kind == "answer" and bytes.fromhex(blob.sha256) in referenced_answers
+        if kind == "answer":
+            stored_answers.add(bytes.fromhex(blob.sha256))
+        if is_referenced or blob.modified > cutoff:
+            bucket = summary.kept_referenced if is_referenced else summary.kept_young
+            summary._tally(bucket, kind).add(blob)
+        else:
+            candidates.append(blob)
+        report("scan", done, total)
+    summary.missing_referenced += len(referenced_answers - stored_answers)
 
     # Request blobs come first in ``candidates``: a crash half-way never leaves a
     # manifest pointing at a part this run deleted.

@@ -14,6 +14,8 @@ Layout (one key space, two namespaces, same on the local folder and on S3)::
 
     r/<sha[:2]>/<sha>   request blob, named by the row's hash (the canonical body)
     p/<sha[:2]>/<sha>   part blob, named by the SHA-256 of its own bytes
+    a/<sha[:2]>/<sha>   answer blob (``W`` + the canonical answer document, see
+                        ``experiments.prompts.answers``), named by the row's response hash
 
 A request blob starts with one type byte:
 
@@ -68,6 +70,7 @@ MAX_PROMPT_BYTES = 4 * 1024 * 1024
 
 REQUEST_NAMESPACE = "r"
 PART_NAMESPACE = "p"
+ANSWER_NAMESPACE = "a"
 WHOLE_MARKER = b"W"
 MANIFEST_MARKER = b"M"
 MANIFEST_VERSION = 1
@@ -572,6 +575,29 @@ class PromptStore:
     def exists(self, sha256: str) -> bool:
         try:
             return self.backend.exists(blob_key(REQUEST_NAMESPACE, sha256))
+        except KeyError:
+            return False
+
+    # Answers: whole blobs in their own namespace, written once per content like prompts
+    # (exists -> touch, so GC sees a reused answer as young again).
+
+    def put_answer(self, canonical: bytes) -> str:
+        digest = sha256_hex(canonical)
+        key = blob_key(ANSWER_NAMESPACE, digest)
+        if not self.backend.touch(key):
+            self.backend.write(key, WHOLE_MARKER + canonical)
+        return digest
+
+    def get_answer(self, sha256: str) -> bytes:
+        """The exact canonical answer bytes; KeyError if absent, corrupt or not matching."""
+        blob = self.backend.read(blob_key(ANSWER_NAMESPACE, sha256))
+        if blob[:1] != WHOLE_MARKER or sha256_hex(blob[1:]) != sha256:
+            raise KeyError(f"{sha256} (answer does not match its hash)")
+        return blob[1:]
+
+    def answer_exists(self, sha256: str) -> bool:
+        try:
+            return self.backend.exists(blob_key(ANSWER_NAMESPACE, sha256))
         except KeyError:
             return False
 

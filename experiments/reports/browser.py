@@ -17,7 +17,12 @@ from itertools import islice
 from django.db.models import Q
 from django.utils import timezone
 
-from experiments.models import Experiment, ExperimentRequest
+from experiments.models import (
+    PROMPT_HASH_DELETED,
+    PROMPT_HASH_FAILED,
+    Experiment,
+    ExperimentRequest,
+)
 from experiments.reports.filters import BrowserFilters, ReportInputError
 from experiments.selectors import version_labels
 
@@ -32,6 +37,7 @@ BROWSER_COLUMNS = (
     "request_kind",
     "request_body_sha256",
     "was_truncated",
+    "response_sha256",
     "status_code",
     "has_error",
     "input_tokens",
@@ -53,6 +59,7 @@ class RequestRow:
     request_kind: str
     request_body_sha256: str
     was_truncated: bool
+    response_sha256: str | None
     status_code: int
     has_error: bool
     input_tokens: int
@@ -100,6 +107,7 @@ def to_row(values: dict, labels: dict) -> RequestRow:
         request_kind=values["request_kind"],
         request_body_sha256=values["request_body_sha256"],
         was_truncated=values["was_truncated"],
+        response_sha256=values["response_sha256"],
         status_code=values["status_code"],
         has_error=values["has_error"],
         input_tokens=values["input_tokens"],
@@ -168,3 +176,45 @@ def request_detail(experiment: Experiment, usage_id: uuid.UUID) -> RequestRow | 
         .first()
     )
     return to_row(values, labels) if values else None
+
+
+#: The compare view reads at most this many captured answers to one prompt.
+COMPARE_LIMIT = 50
+
+
+def _answered(experiment: Experiment, prompt_sha256: str, labels: dict):
+    """Rows of this experiment with this prompt and a stored answer: read through the
+    partial index ``mx_request_prompt_answered`` (prompt hash, newest first)."""
+    return (
+        ExperimentRequest.objects.filter(
+            request_body_sha256=prompt_sha256,
+            response_sha256__isnull=False,
+            variant_version_id__in=list(labels),
+        )
+        .exclude(response_sha256__in=[PROMPT_HASH_FAILED, PROMPT_HASH_DELETED])
+        .order_by("-created_at")
+    )
+
+
+def has_answered_siblings(experiment: Experiment, row: RequestRow) -> bool:
+    """Whether another request of this experiment sent the same prompt and has an answer."""
+    if row.request_body_sha256 in (PROMPT_HASH_FAILED, PROMPT_HASH_DELETED):
+        return False
+    labels = version_labels(experiment)
+    return (
+        _answered(experiment, row.request_body_sha256, labels)
+        .exclude(usage_id=row.usage_id)[:1]
+        .exists()
+    )
+
+
+def answered_requests(
+    experiment: Experiment, prompt_sha256: str, *, limit: int = COMPARE_LIMIT
+) -> tuple[list[RequestRow], bool]:
+    """The newest ``limit`` requests with this prompt and a captured answer, and whether
+    there were more."""
+    labels = version_labels(experiment)
+    values = list(
+        _answered(experiment, prompt_sha256, labels).values(*BROWSER_COLUMNS)[: limit + 1]
+    )
+    return [to_row(v, labels) for v in values[:limit]], len(values) > limit

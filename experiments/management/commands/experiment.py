@@ -78,6 +78,13 @@ def _check_cell(check: dict[str, Any] | None) -> str:
     return f"{'passed' if check['ok'] else 'failed'} {check['checked_at']}"
 
 
+def _capture_cell(experiment: Experiment) -> str:
+    rate = experiment.response_capture_rate
+    if not rate:
+        return "none (response capture rate 0%)"
+    return f"{services.format_rate(rate)} of requests"
+
+
 def _key_cell(checkpoint: dict[str, Any]) -> str:
     if not checkpoint.get("key_configured"):
         return "-"
@@ -162,6 +169,12 @@ class Command(JsonCommand):
         update.add_argument("--name")
         update.add_argument("--description")
         update.add_argument("--public-model-id")
+        # A string on purpose: the service owns the "0 to 100, two decimals" rule.
+        update.add_argument(
+            "--response-capture-rate",
+            metavar="PERCENT",
+            help="Percent of requests whose answer is captured (0 to 100; 0 = none).",
+        )
         delete = add("delete", "Delete a draft experiment (asks for confirmation).")
         delete.add_argument("id", help=EXPERIMENT_HELP)
         delete.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
@@ -284,6 +297,7 @@ class Command(JsonCommand):
             "updated_at": _timestamp(experiment.updated_at),
             "started_at": _timestamp(experiment.started_at),
             "ended_at": _timestamp(experiment.ended_at),
+            "response_capture_percent": float(experiment.response_capture_rate),
         }
 
     @staticmethod
@@ -361,6 +375,7 @@ class Command(JsonCommand):
                     ("created", f"{summary['created_at']} by {summary['created_by'] or '-'}"),
                     ("started", summary["started_at"]),
                     ("ended", summary["ended_at"]),
+                    ("answers captured", _capture_cell(experiment)),
                 )
             ),
             "",
@@ -409,10 +424,12 @@ class Command(JsonCommand):
         )
 
     def _cmd_update(self, options: dict[str, Any]) -> None:
-        fields = {k: options[k] for k in ("name", "description", "public_model_id")}
+        names = ("name", "description", "public_model_id", "response_capture_rate")
+        fields = {k: options[k] for k in names}
         if all(value is None for value in fields.values()):
             raise CommandError(
-                "Nothing to update: pass --name, --description or --public-model-id."
+                "Nothing to update: pass --name, --description, --public-model-id or "
+                "--response-capture-rate."
             )
         experiment = self._experiment(options["id"])
         updated = self._call(

@@ -1,4 +1,5 @@
-"""``manage.py prompts wipe|gc``: remove stored prompts of an experiment, collect orphan blobs."""
+"""``manage.py prompts wipe|gc``: remove stored prompts (and captured answers) of an
+experiment, collect orphan blobs."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class Command(JsonCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         actions = parser.add_subparsers(dest="action", required=True, metavar="{wipe,gc}")
         wipe = actions.add_parser(
-            "wipe", help="Replace an experiment's prompt hashes with __deleted__."
+            "wipe", help="Replace an experiment's prompt and answer hashes with __deleted__."
         )
         wipe.add_argument(
             "--experiment",
@@ -100,7 +101,7 @@ class Command(JsonCommand):
                 )
             # The question goes to stderr so stdout stays clean for scripts (and --json).
             self.stderr.write(
-                f"Wipe the stored prompts of {pending} request(s) of experiment "
+                f"Wipe the stored prompts and answers of {pending} request(s) of experiment "
                 f"{experiment.name!r}{scope}? [y/N] ",
                 ending="",
             )
@@ -109,7 +110,8 @@ class Command(JsonCommand):
                 raise CommandError("aborted: nothing was changed")
         result = wipe_prompts(experiment=experiment, before=before)
         self.emit(
-            f"experiment {experiment.pk}{scope}: wiped {result.wiped} prompt hash(es); "
+            f"experiment {experiment.pk}{scope}: wiped {result.wiped} prompt hash(es) and "
+            f"{result.answers_wiped} answer hash(es); "
             f"{result.already_deleted} already deleted; "
             f"{result.failed_left} failed capture(s) left as __failed__. "
             "Attribution rows are unchanged; run `prompts gc` to free the blobs.",
