@@ -80,6 +80,7 @@ class SlotStats:
     distinct_subjects: int = 0
     observed_share: float | None = None
     checkpoints: list[CheckpointStats] = field(default_factory=list)
+    is_control: bool = False
 
     @classmethod
     def of(cls, slot: SlotSummary) -> SlotStats:
@@ -89,6 +90,7 @@ class SlotStats:
             weight=slot.weight,
             expected_share=slot.expected_share,
             checkpoints=[CheckpointStats.of(c) for c in slot.checkpoints],
+            is_control=slot.is_control,
         )
 
     @property
