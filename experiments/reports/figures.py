@@ -56,6 +56,9 @@ class CheckpointStats(CheckpointSummary):
     total_samples: int = 0
     first_request_at: datetime | None = None
     last_request_at: datetime | None = None
+    #: The merged histogram bins behind the percentiles, (key, count) sorted by key, per
+    #: ``LatencyMetric``: the comparisons' percentile intervals read them.
+    histograms: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, checkpoint: CheckpointSummary) -> CheckpointStats:
@@ -178,6 +181,12 @@ def _fill_percentiles(by_version: dict[uuid.UUID, CheckpointStats], window: Q) -
     ):
         bins.setdefault((version_id, metric), []).append((key, count))
     for (version_id, metric), counted in bins.items():
+        merged: dict[int, int] = {}
+        for key, count in counted:
+            merged[key] = merged.get(key, 0) + count
+        by_version[version_id].histograms[int(metric)] = sorted(
+            (key, count) for key, count in merged.items() if count > 0
+        )
         p50_field, p95_field = _PERCENTILE_FIELDS[LatencyMetric(metric)]
         setattr(by_version[version_id], p50_field, percentile(counted, 0.5))
         setattr(by_version[version_id], p95_field, percentile(counted, 0.95))
