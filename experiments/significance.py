@@ -26,19 +26,22 @@
   known variance q(1−q), so the mixture sequence for it gives ranks, and ranks give values
   from the mergeable histograms (each within their relative accuracy). Two checkpoints'
   sequences at α/2 each bound the difference (``quantile_difference_interval``).
-- Multiple comparisons: Holm's step-down procedure (``statsmodels``' ``multipletests``)
-  over the always-valid p-values of the comparisons shown (``holm``).
+- Multiple comparisons: Holm's step-down procedure over the always-valid p-values of the
+  comparisons shown (``holm``; checked against statsmodels' ``multipletests``, which is
+  not called at request time because it runs a full garbage collection on every call).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
 #: The family-wise error rate of the comparisons on one page.
@@ -207,21 +210,27 @@ class Histogram:
     ordered: tuple[tuple[float, int], ...]
     relative_accuracy: float = 0.0
 
+    @cached_property
+    def _cumulative(self) -> list[int]:
+        return list(itertools.accumulate(count for _, count in self.ordered))
+
     @property
     def count(self) -> int:
-        return sum(count for _, count in self.ordered)
+        return self._cumulative[-1] if self.ordered else 0
+
+    def _value_at(self, rank: int) -> float:
+        """``order_statistic`` by bisection on the cumulative counts."""
+        return self.ordered[bisect.bisect_left(self._cumulative, rank)][0]
 
     def quantile_bounds(self, quantile: float, alpha: float) -> tuple[float, float]:
         """An always-valid interval for the quantile: ranks to values, widened by the
         relative accuracy; an open side is 0 below (values are never negative) or ∞ above."""
         low_rank, high_rank = quantile_rank_bounds(self.count, quantile, alpha)
         low = (
-            order_statistic(self.ordered, low_rank) / (1 + self.relative_accuracy)
-            if low_rank is not None
-            else 0.0
+            self._value_at(low_rank) / (1 + self.relative_accuracy) if low_rank is not None else 0.0
         )
         high = (
-            order_statistic(self.ordered, high_rank) / (1 - self.relative_accuracy)
+            self._value_at(high_rank) / (1 - self.relative_accuracy)
             if high_rank is not None
             else math.inf
         )
@@ -246,7 +255,14 @@ class QuantileDifference:
     quantile: float
     estimate: float
 
+    @cached_property
+    def _p_value(self) -> float:
+        return self._search_p_value()
+
     def p_value(self) -> float:
+        return self._p_value
+
+    def _search_p_value(self) -> float:
         """The smallest α whose interval excludes 0 (the interval only widens as α
         shrinks), found by bisection on log α to within 0.1% of α."""
 
@@ -286,14 +302,27 @@ class HolmResult:
 
 
 def holm(p_values: Sequence[float], alpha: float = ALPHA) -> HolmResult:
-    """Holm's step-down procedure over ``p_values`` (statsmodels), with interval levels."""
+    """Holm's step-down procedure over ``p_values``, with interval levels.
+
+    Written out (numpy, five lines) rather than statsmodels' ``multipletests``, which
+    runs a full ``gc.collect()`` on every Holm call: 0.4 s per page in a process with a
+    large heap (bench/bench_comparisons.py). The tests check it against ``multipletests``.
+    """
     m = len(p_values)
     if m == 0:
         return HolmResult([], [], [])
-    rejected, adjusted, _, _ = multipletests(list(p_values), alpha=alpha, method="holm")
-    order = sorted(range(m), key=lambda index: p_values[index])
-    first_kept = next((rank for rank, index in enumerate(order) if not rejected[index]), m)
+    values = np.asarray(p_values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    multipliers = np.arange(m, 0, -1)  # m − r + 1 for the r-th smallest (1-based)
+    adjusted_ranked = np.minimum(1.0, np.maximum.accumulate(ranked * multipliers))
+    kept = np.nonzero(ranked > alpha / multipliers)[0]
+    first_kept = int(kept[0]) if kept.size else m
+    adjusted = [0.0] * m
+    rejected = [False] * m
     levels = [0.0] * m
     for rank, index in enumerate(order):
+        adjusted[index] = float(adjusted_ranked[rank])
+        rejected[index] = rank < first_kept
         levels[index] = alpha / (m - min(rank, first_kept))
-    return HolmResult([float(p) for p in adjusted], [bool(r) for r in rejected], levels)
+    return HolmResult(adjusted, rejected, levels)

@@ -113,8 +113,15 @@ class Metric:
 
 
 def _histogram(checkpoint: CheckpointStats, metric: LatencyMetric) -> Histogram:
-    bins = checkpoint.histograms.get(int(metric), [])
-    return Histogram(tuple((value_of(key), count) for key, count in bins), RELATIVE_ACCURACY)
+    """The checkpoint's bins as values, made once per checkpoint and metric (the control's
+    is read by every comparison)."""
+    made = checkpoint.__dict__.setdefault("_comparison_histograms", {})
+    if metric not in made:
+        bins = checkpoint.histograms.get(int(metric), [])
+        made[metric] = Histogram(
+            tuple((value_of(key), count) for key, count in bins), RELATIVE_ACCURACY
+        )
+    return made[metric]
 
 
 def _percentile_metric(
