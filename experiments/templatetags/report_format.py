@@ -41,6 +41,8 @@ def signed_ms(value) -> str:
 def pvalue(value) -> str:
     if value is None:
         return NO_VALUE
+    if value < 1e-300:
+        return "< 1e-300"  # overwhelming evidence underflows to 0 in floating point
     return f"{value:.2e}" if value < 0.001 else f"{value:.4f}"
 
 
