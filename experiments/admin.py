@@ -349,8 +349,9 @@ class ExperimentAdmin(admin.ModelAdmin):
     )
 
     def get_fieldsets(self, request, obj=None):
+        fields = ("name", "public_model_id", "description")
         fieldsets = [
-            (None, {"fields": ("name", "public_model_id", "description")}),
+            (None, {"fields": fields if obj is None else (*fields, "control")}),
             ("Response capture", {"fields": ("response_capture_rate",)}),
         ]
         if obj is not None:
@@ -361,6 +362,8 @@ class ExperimentAdmin(admin.ModelAdmin):
         fields = list(self.lifecycle_fields)
         if obj is not None and not obj.structure_editable:
             fields.append("public_model_id")  # routing identity: only in draft (SPEC §3)
+        if obj is not None and not obj.labels_editable:
+            fields.append("control")  # a completed experiment's comparisons stay as they were
         return fields
 
     def get_queryset(self, request):
@@ -374,6 +377,12 @@ class ExperimentAdmin(admin.ModelAdmin):
     @admin.display(description="status", ordering="status")
     def status_badge(self, experiment: Experiment) -> str:
         return status_badge_html(experiment)
+
+    @admin.display(description="control slot")
+    def control(self, experiment: Experiment) -> str:
+        """The control, where the form field is read-only (completed, or view only)."""
+        slot = selectors.control_slot(experiment)
+        return slot.label if slot else "—"
 
     @admin.display(description="variants", ordering="variant_count")
     def variant_count(self, experiment: Experiment) -> int:
@@ -467,6 +476,8 @@ class ExperimentAdmin(admin.ModelAdmin):
             }
             if changes:
                 services.update_experiment(experiment=obj, by=request.user, **changes)
+            if "control" in form.changed_data and form.cleaned_data.get("control"):
+                services.set_control(variant=form.cleaned_data["control"], by=request.user)
             return
         created = services.create_experiment(
             public_model_id=form.cleaned_data["public_model_id"],

@@ -16,7 +16,7 @@ from django.forms.models import BaseInlineFormSet
 from django_jsonform.utils import join_coords
 from django_jsonform.widgets import JSONFormWidget
 
-from experiments import services
+from experiments import selectors, services
 from experiments.models import Experiment, Variant
 from experiments.services import ExperimentError, InvalidInput
 from experiments.upstream import upstream_json_schema
@@ -41,8 +41,38 @@ class ExperimentForm(forms.ModelForm):
             "public_model_id": forms.TextInput(attrs={"size": 40}),
         }
 
+    #: Not a model column: ``Variant.is_control``, set through ``services.set_control``.
+    #: Present only on an existing experiment's page (``ExperimentAdmin.get_fieldsets``).
+    control = forms.ModelChoiceField(
+        queryset=Variant.objects.none(),
+        label="Control slot",
+        required=False,
+        empty_label=None,
+        help_text="The slot the Stats page compares every other slot against (its current "
+        "checkpoint). Editable until the experiment is completed; never moves users.",
+    )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._init_response_capture_rate()
+        control = self.fields.get("control")
+        if control is None:
+            return
+        # The admin excludes read-only fields, but a declared field stays on the class.
+        if self.instance.pk is None or "control" in (self._meta.exclude or ()):
+            del self.fields["control"]
+            return
+        control.queryset = Variant.objects.filter(experiment=self.instance).order_by(
+            "created_at", "id"
+        )
+        current = selectors.control_slot(self.instance)
+        # Not required: a post without it (a script, an old page) leaves the control as is.
+        control.initial = current.pk if current else None
+        control.error_messages["invalid_choice"] = (
+            "Choose one of this experiment's slots as the control."
+        )
+
+    def _init_response_capture_rate(self) -> None:
         if "response_capture_rate" in self.fields:
             # Text, so "abc", "150" or "1.234" reach the service's rule and its wording.
             self.fields["response_capture_rate"] = forms.CharField(

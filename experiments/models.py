@@ -162,6 +162,10 @@ class Variant(models.Model):
     experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="variants")
     label = models.CharField(max_length=64, validators=[MinLengthValidator(1)])
     weight = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    #: The slot the reports compare every other slot against (SPEC §10). At most one per
+    #: experiment; with none marked, the first-created slot is the control
+    #: (``selectors.control_slot``). Changed only through ``services.set_control``.
+    is_control = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -181,6 +185,11 @@ class Variant(models.Model):
             ),
             models.UniqueConstraint(
                 fields=["experiment", "label"], name="model_experiment_variant_unique_label"
+            ),
+            models.UniqueConstraint(
+                fields=["experiment"],
+                condition=Q(is_control=True),
+                name="model_experiment_variant_one_control",
             ),
         ]
 

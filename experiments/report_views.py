@@ -51,6 +51,7 @@ from experiments.reports.filters import (
 from experiments.reports.report import experiment_report
 from experiments.reports.statistics import SRM_THRESHOLD
 from experiments.selectors import slot_histories, version_labels
+from experiments.significance import TUNING_SAMPLE_SIZE
 
 #: Prompts are user content: seeing an experiment's results does not imply reading them.
 #: Captured answers are read under the same permission.
@@ -123,13 +124,19 @@ def experiment_stats(
         windows=[(key, label) for key, (label, _) in WINDOWS.items()],
         params=request.GET,
         srm_threshold=SRM_THRESHOLD,
+        tuning_sample_size=TUNING_SAMPLE_SIZE,
     )
     try:
         window, filters = _window_filters(request.GET)
     except ReportInputError as exc:
         context["error"] = str(exc)
         return render(request, "admin/experiments/experiment/stats.html", context, status=400)
-    report = experiment_report(experiment, filters)
+    all_checkpoints = request.GET.get("all_checkpoints") in ("1", "on", "true")
+    report = experiment_report(experiment, filters, all_checkpoints=all_checkpoints)
+    toggled = request.GET.copy()
+    toggled.pop("all_checkpoints", None)
+    if not all_checkpoints:
+        toggled["all_checkpoints"] = "1"
     checkpoints = report.checkpoints
     context.update(
         window=window,
@@ -138,6 +145,7 @@ def experiment_stats(
         requests_chart=charts.requests_over_time(report.timeseries, checkpoints),
         latency_chart=charts.latency_percentiles(checkpoints),
         share_chart=charts.observed_vs_configured_share(report.slots),
+        all_checkpoints_toggle=f"?{toggled.urlencode()}",
     )
     return render(request, "admin/experiments/experiment/stats.html", context)
 

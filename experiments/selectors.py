@@ -184,6 +184,16 @@ def find_variant(reference: str) -> Variant:
     )
 
 
+def control_slot(experiment: Experiment) -> Variant | None:
+    """The slot every comparison is made against: the one marked ``is_control``, else the
+    first-created slot; None for an experiment without slots."""
+    return (
+        Variant.objects.filter(experiment=experiment)
+        .order_by("-is_control", "created_at", "id")
+        .first()
+    )
+
+
 def current_version(variant: Variant, *, moment=None, with_ciphertext: bool = False):
     """The checkpoint a slot serves at ``moment`` (default now): greatest
     (effective_at, id) among its versions effective by then (SPEC §2)."""
@@ -250,6 +260,8 @@ class SlotSummary:
     expected_share: float
     #: In effective order, oldest first.
     checkpoints: list[CheckpointSummary] = field(default_factory=list)
+    #: The experiment's control slot (``control_slot``).
+    is_control: bool = False
 
 
 def _internal_id(upstream) -> str:
@@ -259,7 +271,12 @@ def _internal_id(upstream) -> str:
 def slot_histories(experiment: Experiment) -> list[SlotSummary]:
     """Slots in bucket order, each with its checkpoint history and effective periods."""
     variants = list(
-        Variant.objects.filter(experiment=experiment).order_by("id").values("id", "label", "weight")
+        Variant.objects.filter(experiment=experiment)
+        .order_by("id")
+        .values("id", "label", "weight", "is_control", "created_at")
+    )
+    control = min(
+        variants, key=lambda v: (not v["is_control"], v["created_at"], v["id"]), default=None
     )
     total_weight = sum(v["weight"] for v in variants) or 1
     versions_by_slot: dict[uuid.UUID, list[dict]] = defaultdict(list)
@@ -292,6 +309,7 @@ def slot_histories(experiment: Experiment) -> list[SlotSummary]:
                 weight=variant["weight"],
                 expected_share=variant["weight"] / total_weight,
                 checkpoints=checkpoints,
+                is_control=variant is control,
             )
         )
     return slots

@@ -401,6 +401,37 @@ def rename_variant(*, variant: Variant, label: str, by=None) -> Variant:
     return var
 
 
+def set_control(*, variant: Variant | Any, by=None) -> Variant:
+    """Make ``variant`` its experiment's control slot: the slot the reports compare every
+    other slot against. Any status but completed (a completed experiment's report is
+    history); changes no routing. Setting the current control again is a no-op."""
+    with transaction.atomic():
+        var = _locked_variant(variant)
+        exp = _locked_experiment(var.experiment_id)
+        if not exp.labels_editable:
+            raise StructureLocked(
+                f"Cannot change the control slot: experiment is {exp.status}. A completed "
+                "experiment's comparisons stay as they were."
+            )
+        previous = selectors.control_slot(exp)
+        if previous is not None and previous.pk == var.pk and var.is_control:
+            return var
+        # One marked slot per experiment (a partial unique index): unmark first. Queryset
+        # updates: the control is not routing state, so no routing generation is bumped.
+        now = timezone.now()
+        Variant.objects.filter(experiment=exp, is_control=True).exclude(pk=var.pk).update(
+            is_control=False, updated_at=now
+        )
+        Variant.objects.filter(pk=var.pk).update(is_control=True, updated_at=now)
+        var.is_control, var.updated_at = True, now
+        if previous is None or previous.pk != var.pk:
+            was = f" (was {previous.label!r})" if previous is not None else ""
+            record_history(
+                obj=exp, by=by, action=CHANGE, message=f"Control slot: {var.label!r}{was}."
+            )
+    return var
+
+
 # --- checkpoints -------------------------------------------------------------
 
 

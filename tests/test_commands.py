@@ -276,6 +276,7 @@ def test_add_variant_json_returns_the_variant():
         "experiment_id": str(experiment.pk),
         "label": "a",
         "weight": 2,
+        "is_control": True,  # the first slot is the control until another is chosen
     }
 
 

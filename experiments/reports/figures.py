@@ -77,6 +77,9 @@ class CheckpointStats(CheckpointSummary):
     #: Feedback joined to this checkpoint, by the time of the request it rates.
     feedback_up: int = 0
     feedback_down: int = 0
+    #: The merged histogram bins behind the percentiles, (key, count) sorted by key, per
+    #: ``LatencyMetric``: the comparisons' percentile intervals read them.
+    histograms: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, checkpoint: CheckpointSummary) -> CheckpointStats:
@@ -137,6 +140,7 @@ class SlotStats:
     distinct_subjects: int = 0
     observed_share: float | None = None
     checkpoints: list[CheckpointStats] = field(default_factory=list)
+    is_control: bool = False
 
     @classmethod
     def of(cls, slot: SlotSummary) -> SlotStats:
@@ -146,6 +150,7 @@ class SlotStats:
             weight=slot.weight,
             expected_share=slot.expected_share,
             checkpoints=[CheckpointStats.of(c) for c in slot.checkpoints],
+            is_control=slot.is_control,
         )
 
     @property
@@ -271,6 +276,12 @@ def _fill_percentiles(by_version: dict[uuid.UUID, CheckpointStats], window: Q) -
     ):
         bins.setdefault((version_id, metric), []).append((key, count))
     for (version_id, metric), counted in bins.items():
+        merged: dict[int, int] = {}
+        for key, count in counted:
+            merged[key] = merged.get(key, 0) + count
+        by_version[version_id].histograms[int(metric)] = sorted(
+            (key, count) for key, count in merged.items() if count > 0
+        )
         p50_field, p95_field = _PERCENTILE_FIELDS[LatencyMetric(metric)]
         setattr(by_version[version_id], p50_field, percentile(counted, 0.5))
         setattr(by_version[version_id], p95_field, percentile(counted, 0.95))

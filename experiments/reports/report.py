@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import combinations
 
 from django.utils import timezone
 
@@ -32,7 +31,13 @@ from experiments.reports.figures import (
 )
 from experiments.reports.filters import ReportFilters
 from experiments.reports.histogram import RELATIVE_ACCURACY
-from experiments.reports.statistics import Comparison, SrmResult, compare, sample_ratio_check
+from experiments.reports.statistics import (
+    METHOD_REFERENCE,
+    Comparisons,
+    SrmResult,
+    compare_to_control,
+    sample_ratio_check,
+)
 from experiments.selectors import slot_histories
 
 #: A finish reason's cell: (count, share of successful answers).
@@ -46,7 +51,8 @@ class ExperimentReport:
     filters: ReportFilters
     slots: list[SlotStats]
     srm: SrmResult
-    comparisons: list[Comparison]
+    #: The control slot's current checkpoint against the others (``statistics``).
+    comparisons: Comparisons
     timeseries: TimeSeries
     generated_at: datetime
 
@@ -143,11 +149,32 @@ class ExperimentReport:
             "Throughput: output tokens per second after the first byte, per request that "
             "reported output tokens (percentiles from histograms, as latency)."
         )
+        notes.append(
+            f"Comparisons: {METHOD_REFERENCE}. Each request counts as one observation "
+            "(a subject's requests are not independent, so with many requests per subject "
+            "the intervals are narrower than they should be)."
+        )
+        if self.comparisons.all_checkpoints:
+            notes.append(
+                "Every checkpoint is compared with the control's current checkpoint, "
+                "including checkpoints that served at other times: those differences also "
+                "carry whatever changed between the periods."
+            )
         return notes
 
 
+def current_checkpoints(slots: list[SlotStats], now: datetime) -> dict:
+    """slot id -> the checkpoint it serves at ``now`` (a scheduled one is not current yet)."""
+    current = {}
+    for slot in slots:
+        serving = [c for c in slot.checkpoints if c.effective_from <= now]
+        if serving:
+            current[slot.slot_id] = serving[-1]
+    return current
+
+
 def experiment_report(
-    experiment: Experiment, filters: ReportFilters | None = None
+    experiment: Experiment, filters: ReportFilters | None = None, *, all_checkpoints: bool = False
 ) -> ExperimentReport:
     filters = (filters or ReportFilters()).aligned()
     now = timezone.now()
@@ -161,13 +188,14 @@ def experiment_report(
     for slot in slots:
         slot.observed_share = slot.distinct_subjects / total if total else None
     checkpoints = list(by_version.values())
-    served = [c for c in checkpoints if c.requests]
     return ExperimentReport(
         experiment=experiment,
         filters=filters,
         slots=slots,
         srm=sample_ratio_check(slots),
-        comparisons=[compare(a, b) for a, b in combinations(served, 2)],
+        comparisons=compare_to_control(
+            slots, current=current_checkpoints(slots, now), all_checkpoints=all_checkpoints
+        ),
         timeseries=timeseries(checkpoints, filters, now),
         generated_at=now,
     )

@@ -195,6 +195,11 @@ class Command(JsonCommand):
         weight = add("weight", "Set a variant's weight (draft only).")
         weight.add_argument("variant_id", help=VARIANT_HELP)
         weight.add_argument("weight")
+        add(
+            "set-control",
+            "Make a variant the control slot the reports compare the others against "
+            "(any status except completed; never moves users).",
+        ).add_argument("variant_id", help=VARIANT_HELP)
 
     @staticmethod
     def _add_checkpoint_commands(add: Callable[[str, str], CommandParser]) -> None:
@@ -321,12 +326,14 @@ class Command(JsonCommand):
     def _variants(self, experiment: Experiment) -> list[dict[str, Any]]:
         variants = list(experiment.variants.order_by("created_at", "id"))
         total = sum(v.weight for v in variants)
+        control = selectors.control_slot(experiment)
         return [
             {
                 "id": str(v.pk),
                 "label": v.label,
                 "weight": v.weight,
                 "share_percent": round(100 * v.weight / total, 2) if total else 0.0,
+                "is_control": control is not None and v.pk == control.pk,
                 "current_checkpoint": self._current_checkpoint(v),
             }
             for v in variants
@@ -396,7 +403,7 @@ class Command(JsonCommand):
             rows.append(
                 (
                     v["id"],
-                    v["label"],
+                    f"{v['label']} (control)" if v["is_control"] else v["label"],
                     str(v["weight"]),
                     f"{v['share_percent']:.1f}%",
                     cp.get("internal_id", "(no checkpoint)"),
@@ -494,6 +501,18 @@ class Command(JsonCommand):
             {"variant": self._variant_json(updated)},
         )
 
+    def _cmd_set_control(self, options: dict[str, Any]) -> None:
+        variant = self._variant(options["variant_id"])
+        before = selectors.control_slot(variant.experiment)
+        control = self._call(services.set_control, variant=variant, by=self.actor)
+        changed = before is None or before.pk != control.pk
+        if changed:
+            was = f" (was {before.label!r})" if before is not None else ""
+            text = f"Variant {control.pk} ({control.label!r}) is the control slot{was}."
+        else:
+            text = f"Variant {control.pk} ({control.label!r}): nothing to do; already the control."
+        self.emit(text, {"changed": changed, "variant": self._variant_json(control)})
+
     @staticmethod
     def _variant_json(variant: Variant) -> dict[str, Any]:
         return {
@@ -501,6 +520,8 @@ class Command(JsonCommand):
             "experiment_id": str(variant.experiment_id),
             "label": variant.label,
             "weight": variant.weight,
+            "is_control": variant.pk
+            == getattr(selectors.control_slot(variant.experiment), "pk", None),
         }
 
     # --- checkpoints -----------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -18,7 +19,12 @@ from experiments.quality import ERROR_CATEGORIES, FINISH_REASONS
 from experiments.reports.figures import UNCLASSIFIED, UNKNOWN_FINISH, CheckpointStats
 from experiments.reports.filters import ReportFilters, ReportInputError, parse_moment
 from experiments.reports.report import ExperimentReport, experiment_report
-from experiments.reports.statistics import SRM_THRESHOLD
+from experiments.reports.statistics import (
+    METHOD_REFERENCE,
+    SRM_THRESHOLD,
+    Comparisons,
+    MetricComparison,
+)
 from experiments.selectors import NotFound, find_experiment
 
 CSV_COLUMNS = [
@@ -181,19 +187,65 @@ def report_record(report: ExperimentReport) -> dict:
             "threshold": SRM_THRESHOLD,
             "note": srm.reason,
         },
-        "comparisons": [
-            {
-                "baseline": f"{c.baseline.slot_label}/{c.baseline.internal_id}",
-                "candidate": f"{c.candidate.slot_label}/{c.candidate.internal_id}",
-                "error_rate_difference": c.error_rate_difference,
-                "error_rate_ci95_newcombe": list(c.error_rate_ci) if c.error_rate_ci else None,
-                "ttfb_ms_p50_difference": c.ttfb_p50_difference,
-                "total_ms_p50_difference": c.total_p50_difference,
-                "total_ms_mean_difference": c.total_mean_difference,
-                "total_ms_mean_ci95": list(c.total_mean_ci) if c.total_mean_ci else None,
-            }
-            for c in report.comparisons
-        ],
+        **comparisons_record(report.comparisons),
+    }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no infinity: an open side of an interval is null."""
+    return None if value is None or math.isinf(value) else value
+
+
+def _checkpoint_ref(checkpoint: CheckpointStats) -> dict:
+    return {
+        "slot": checkpoint.slot_label,
+        "version_id": str(checkpoint.version_id),
+        "internal_id": checkpoint.internal_id,
+    }
+
+
+def comparison_record(row: MetricComparison) -> dict:
+    return {
+        "metric": row.metric.key,
+        "label": row.metric.label,
+        "unit": row.metric.unit,
+        "control_version_id": str(row.control.version_id),
+        "candidate_version_id": str(row.candidate.version_id),
+        "candidate": _checkpoint_ref(row.candidate),
+        "control_value": _finite(row.control_value),
+        "candidate_value": _finite(row.candidate_value),
+        "estimate": _finite(row.estimate),
+        "ci": [_finite(row.ci[0]), _finite(row.ci[1])] if row.ci else None,
+        "ci_alpha": row.level,
+        "p_value": row.p_value,
+        "adjusted_p_value": row.adjusted_p_value,
+        "verdict": row.verdict,
+        "lower_is_better": row.metric.lower_is_better,
+        "method": row.metric.method,
+        "note": row.note,
+    }
+
+
+def comparisons_record(comparisons: Comparisons) -> dict:
+    control = comparisons.control
+    return {
+        "control": (
+            {"slot": comparisons.control_slot_label, **_checkpoint_ref(control)}
+            if control is not None
+            else (
+                {"slot": comparisons.control_slot_label, "version_id": None}
+                if comparisons.control_slot_label
+                else None
+            )
+        ),
+        "comparison_method": {
+            "name": METHOD_REFERENCE,
+            "alpha": comparisons.alpha,
+            "correction": "holm",
+            "all_checkpoints": comparisons.all_checkpoints,
+            "note": comparisons.reason,
+        },
+        "comparisons": [comparison_record(row) for row in comparisons.rows],
     }
 
 
@@ -297,26 +349,50 @@ def render_table(report: ExperimentReport) -> str:
                 f"  WARNING: SAMPLE RATIO MISMATCH (p < {SRM_THRESHOLD}): the split does not "
                 "match the weights; figures may be biased."
             )
-    lines += ["", "Comparisons (candidate − baseline; 95% CI, Newcombe for error rates):"]
-    if not report.comparisons:
-        lines.append("  fewer than two checkpoints have requests")
-    for c in report.comparisons:
-        ci = (
-            f"[{_signed_percent(c.error_rate_ci[0])}, {_signed_percent(c.error_rate_ci[1])}]"
-            if c.error_rate_ci
-            else ""
-        )
-        mean_ci = (
-            f" [{c.total_mean_ci[0]:+.0f}, {c.total_mean_ci[1]:+.0f}]" if c.total_mean_ci else ""
-        )
-        lines.append(
-            f"  {c.candidate.slot_label}/{c.candidate.internal_id} vs "
-            f"{c.baseline.slot_label}/{c.baseline.internal_id}: "
-            f"error rate {_signed_percent(c.error_rate_difference)} {ci}; "
-            f"total p50 {_number(c.total_p50_difference)} ms, "
-            f"mean {_number(c.total_mean_difference)} ms{mean_ci}"
-        )
+    lines += ["", *_comparison_lines(report.comparisons)]
     return "\n".join(lines) + "\n"
+
+
+def _difference(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "+inf" if value > 0 else "-inf"
+    if unit == "rate":
+        return f"{value * 100:+.2f} pp"
+    return f"{value:+,.1f} {unit}"
+
+
+def _comparison_lines(comparisons: Comparisons) -> list[str]:
+    control = comparisons.control
+    title = (
+        f"Comparisons against the control {comparisons.control_slot_label}/"
+        f"{control.internal_id} (candidate − control):"
+        if control is not None
+        else f"Comparisons against the control slot {comparisons.control_slot_label}:"
+    )
+    lines = [title]
+    if not comparisons.rows:
+        lines.append(f"  none: {comparisons.reason}")
+        return lines
+    for row in comparisons.rows:
+        unit = row.metric.unit
+        interval = (
+            f"[{_difference(row.ci[0], unit)}, {_difference(row.ci[1], unit)}]"
+            if row.ci
+            else f"({row.note})"
+        )
+        adjusted = (
+            f", Holm p = {row.adjusted_p_value:.3g}" if row.adjusted_p_value is not None else ""
+        )
+        direction = "lower is better" if row.metric.lower_is_better else "higher is better"
+        lines.append(
+            f"  {row.candidate.slot_label}/{row.candidate.internal_id}  {row.metric.label}: "
+            f"{_difference(row.estimate, unit)} {interval}{adjusted} -> {row.verdict.upper()} "
+            f"({direction})"
+        )
+    lines.append(f"  Method: {METHOD_REFERENCE}.")
+    return lines
 
 
 class Command(JsonCommand):
@@ -340,6 +416,12 @@ class Command(JsonCommand):
         parser.add_argument("--since", help="ISO 8601 date or time (UTC when no offset).")
         parser.add_argument("--until", help="ISO 8601 date or time, exclusive.")
         parser.add_argument("--subject-kind", help="user, machine or ip")
+        parser.add_argument(
+            "--all-checkpoints",
+            action="store_true",
+            help="Compare every checkpoint with requests (not only each slot's current one) "
+            "with the control slot's current checkpoint.",
+        )
 
     def handle(self, *args, **options) -> None:
         fmt = options["format"]
@@ -357,7 +439,7 @@ class Command(JsonCommand):
             )
         except ReportInputError as exc:
             raise CommandError(str(exc)) from None
-        report = experiment_report(experiment, filters)
+        report = experiment_report(experiment, filters, all_checkpoints=options["all_checkpoints"])
         if self.as_json:
             self.emit("", {"report": report_record(report)})
         elif fmt == "json":
