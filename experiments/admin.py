@@ -47,6 +47,7 @@ from experiments.models import (
     ExperimentStatus,
     Variant,
     VariantVersion,
+    checkpoint_label,
 )
 from experiments.services import ExperimentError
 
@@ -260,12 +261,14 @@ class VariantInline(admin.TabularInline):
         current_id = getattr(variant, "current_version_id", None)
         rows = format_html_join(
             "",
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+            "</tr>",
             (
                 (
                     format_html(' class="mx-current-version" title="{}"', "current checkpoint")
                     if version.pk == current_id
                     else "",
+                    checkpoint_label(variant.label, version.version_number, version.key_rotation),
                     version.internal_id,
                     version.base_url_host,
                     version.effective_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -279,7 +282,8 @@ class VariantInline(admin.TabularInline):
             ),
         )
         return format_html(
-            '<table class="mx-versions"><thead><tr><th>internal id</th><th>base URL host</th>'
+            '<table class="mx-versions"><thead><tr><th>version</th><th>internal id</th>'
+            "<th>base URL host</th>"
             "<th>effective</th><th>who</th><th>key</th><th>last connection test</th></tr>"
             "</thead><tbody>{}</tbody></table>",
             rows,
@@ -892,7 +896,8 @@ class ExperimentAdmin(admin.ModelAdmin):
             else:
                 self.message_user(
                     request,
-                    f"Variant {variant.label!r} now serves {version.internal_id!r}.",
+                    f"Variant {variant.label!r} now serves {version.internal_id!r} "
+                    f"as {version.label}.",
                     messages.SUCCESS,
                 )
                 self._test_after_saving(request, variant, version, form)
@@ -924,7 +929,9 @@ class ExperimentAdmin(admin.ModelAdmin):
                 form.show_service_error(error)
             else:
                 self.message_user(
-                    request, f"Rotated the key of variant {variant.label!r}.", messages.SUCCESS
+                    request,
+                    f"Rotated the key of variant {variant.label!r}. It now serves {version.label}.",
+                    messages.SUCCESS,
                 )
                 self._test_after_saving(request, variant, version, form)
                 return self._back_to_experiment(variant)
