@@ -119,10 +119,15 @@ def experiment_stats(
         window=window,
         report=report,
         colours=charts.checkpoint_colours(checkpoints),
-        requests_chart=charts.requests_over_time(report.timeseries, checkpoints),
-        latency_chart=charts.latency_percentiles(checkpoints),
-        share_chart=charts.observed_vs_configured_share(report.slots),
+        # Nothing to draw: the page says so instead of showing empty axes.
+        empty=not report.total_requests,
     )
+    if report.total_requests:
+        context.update(
+            requests_chart=charts.requests_over_time(report.timeseries, checkpoints),
+            latency_chart=charts.latency_percentiles(checkpoints),
+            share_chart=charts.observed_vs_configured_share(report.slots),
+        )
     return render(request, "admin/experiments/experiment/stats.html", context)
 
 
