@@ -49,6 +49,7 @@ from experiments.models import (
     ExperimentStatus,
     Variant,
     VariantVersion,
+    checkpoint_label,
 )
 from experiments.services import ExperimentError
 
@@ -249,12 +250,14 @@ class VariantInline(admin.TabularInline):
         current_id = getattr(variant, "current_version_id", None)
         rows = format_html_join(
             "",
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+            "</tr>",
             (
                 (
                     format_html(' class="mx-current-version" title="{}"', "current checkpoint")
                     if version.pk == current_id
                     else "",
+                    checkpoint_label(variant.label, version.version_number, version.key_rotation),
                     version.internal_id,
                     version.base_url_host,
                     version.effective_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -268,7 +271,8 @@ class VariantInline(admin.TabularInline):
             ),
         )
         return format_html(
-            '<table class="mx-versions"><thead><tr><th>internal id</th><th>base URL host</th>'
+            '<table class="mx-versions"><thead><tr><th>version</th><th>internal id</th>'
+            "<th>base URL host</th>"
             "<th>effective</th><th>who</th><th>key</th><th>last connection test</th></tr>"
             "</thead><tbody>{}</tbody></table>",
             rows,
@@ -930,7 +934,8 @@ class ExperimentAdmin(admin.ModelAdmin):
             if version is not None:
                 self._saved_message(
                     request,
-                    f"Variant {variant.label!r} now serves {version.internal_id!r}",
+                    f"Variant {variant.label!r} now serves {version.internal_id!r} "
+                    f"as {version.label}",
                     version,
                     "swapped",
                 )
@@ -973,7 +978,10 @@ class ExperimentAdmin(admin.ModelAdmin):
             )
             if version is not None:
                 self._saved_message(
-                    request, f"Rotated the key of variant {variant.label!r}", version, "rotated"
+                    request,
+                    f"Rotated the key of variant {variant.label!r}; it now serves {version.label}",
+                    version,
+                    "rotated",
                 )
                 return self._back_to_experiment(variant)
         return self._checkpoint_page(

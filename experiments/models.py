@@ -227,6 +227,12 @@ class VariantVersion(models.Model):
     # (written before fingerprints were recorded, and not decryptable at migration).
     key_fingerprint = models.CharField(max_length=16, blank=True, default="")
     effective_at = models.DateTimeField(default=timezone.now)
+    # The name a person says (SPEC §10): the slot's versions are numbered 1, 2, ... in
+    # effective order; a key rotation (same upstream, new key) keeps its checkpoint's
+    # number and counts rotations within it (``rc1 v2.1``). Set once, on insert, while
+    # the services hold the slot's row lock; the unique constraint is the authority.
+    version_number = models.PositiveIntegerField()
+    key_rotation = models.PositiveIntegerField(default=0)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -249,6 +255,16 @@ class VariantVersion(models.Model):
                 name="mx_version_variant_effective",
             )
         ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["variant", "version_number", "key_rotation"],
+                name="model_experiment_variant_version_unique_number",
+            ),
+            models.CheckConstraint(
+                condition=Q(version_number__gte=1),
+                name="model_experiment_variant_version_number_positive",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.upstream.get('internal_id', '?')} @ {self.effective_at:%Y-%m-%d %H:%M:%S}"
@@ -256,7 +272,45 @@ class VariantVersion(models.Model):
     def save(self, *args, **kwargs):
         if not self._state.adding:
             raise ImmutableVersionError("Checkpoint versions are insert-only; hot-swap instead.")
+        if self.version_number is None:
+            self.version_number, self.key_rotation = self._next_number()
         super().save(*args, **kwargs)
+
+    def _next_number(self) -> tuple[int, int]:
+        """(version number, key rotation) after the slot's newest version.
+
+        Callers that may race (the services) hold the slot's row lock, so the newest
+        version cannot change under them; without it the unique constraint refuses.
+        """
+        newest = (
+            VariantVersion.with_ciphertext.filter(variant_id=self.variant_id)
+            .order_by("-effective_at", "-id")
+            .values("upstream", "encrypted_api_key", "version_number")
+            .first()
+        )
+        if newest is None:
+            return 1, 0
+        if is_key_rotation(newest, self.upstream, self.encrypted_api_key):
+            rotations = VariantVersion.objects.filter(
+                variant_id=self.variant_id, version_number=newest["version_number"]
+            ).aggregate(models.Max("key_rotation"))["key_rotation__max"]
+            return newest["version_number"], rotations + 1
+        highest = VariantVersion.objects.filter(variant_id=self.variant_id).aggregate(
+            models.Max("version_number")
+        )["version_number__max"]
+        return highest + 1, 0
+
+    @property
+    def key_rotated(self) -> bool:
+        return self.key_rotation > 0
+
+    @property
+    def version_name(self) -> str:
+        return version_name(self.version_number, self.key_rotation)
+
+    @property
+    def label(self) -> str:
+        return checkpoint_label(self.variant.label, self.version_number, self.key_rotation)
 
     def delete(self, *args, **kwargs):
         raise ImmutableVersionError("Checkpoint versions are never deleted.")
@@ -274,6 +328,29 @@ class VariantVersion(models.Model):
 
 class ImmutableVersionError(Exception):
     pass
+
+
+def is_key_rotation(previous: dict, upstream, encrypted_api_key) -> bool:
+    """A new version is a key rotation of ``previous`` (the slot's newest version, with
+    ``upstream`` and ``encrypted_api_key``) when it serves the same upstream under a new
+    key. A reloaded upstream with the same key, or any other upstream, is a new version.
+    Ciphertexts are only compared, never opened: a new key always gets a fresh IV."""
+    return previous["upstream"] == upstream and previous["encrypted_api_key"] != encrypted_api_key
+
+
+def version_name(version_number: int, key_rotation: int) -> str:
+    """``v2``, or ``v2.1`` for the first key rotation of v2."""
+    return f"v{version_number}.{key_rotation}" if key_rotation else f"v{version_number}"
+
+
+#: How tables, charts, commands and exports mark a key rotation.
+KEY_ROTATED = "key rotated"
+
+
+def checkpoint_label(slot_label: str, version_number: int, key_rotation: int) -> str:
+    """What a person calls a checkpoint: ``rc1 v2``, ``rc1 v2.1 · key rotated``."""
+    name = f"{slot_label} {version_name(version_number, key_rotation)}"
+    return f"{name} · {KEY_ROTATED}" if key_rotation else name
 
 
 #: The primary key of the one ``RoutingState`` row.

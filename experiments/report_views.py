@@ -142,11 +142,16 @@ def experiment_stats(
         window=window,
         report=report,
         colours=charts.checkpoint_colours(checkpoints),
-        requests_chart=charts.requests_over_time(report.timeseries, checkpoints),
-        latency_chart=charts.latency_percentiles(checkpoints),
-        share_chart=charts.observed_vs_configured_share(report.slots),
         all_checkpoints_toggle=f"?{toggled.urlencode()}",
+        # Nothing to draw: the page says so instead of showing empty axes.
+        empty=not report.total_requests,
     )
+    if report.total_requests:
+        context.update(
+            requests_chart=charts.requests_over_time(report.timeseries, checkpoints),
+            latency_chart=charts.latency_percentiles(checkpoints),
+            share_chart=charts.observed_vs_configured_share(report.slots),
+        )
     return render(request, "admin/experiments/experiment/stats.html", context)
 
 
@@ -587,7 +592,8 @@ def _upload_feedback(request: HttpRequest, experiment: Experiment, context: dict
     rows = []
     for row in stored:
         if row.variant_version_id in labels:
-            _, slot_label, internal_id = labels[row.variant_version_id]
+            identity = labels[row.variant_version_id]
+            slot_label, internal_id = identity.label, identity.internal_id
             state = "joined"
         else:
             slot_label = internal_id = ""

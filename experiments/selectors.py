@@ -34,6 +34,8 @@ from experiments.models import (
     ExperimentRequest,
     Variant,
     VariantVersion,
+    checkpoint_label,
+    version_name,
 )
 
 # --- checkpoints -----------------------------------------------------------------------
@@ -250,6 +252,23 @@ class CheckpointSummary:
     internal_id: str
     effective_from: datetime
     effective_until: datetime | None  # None: the slot's current checkpoint
+    #: The slot's number for it, and its key rotation within that number (0: none).
+    version_number: int = 1
+    key_rotation: int = 0
+
+    @property
+    def key_rotated(self) -> bool:
+        return self.key_rotation > 0
+
+    @property
+    def version_name(self) -> str:
+        """``v2``, ``v2.1``."""
+        return version_name(self.version_number, self.key_rotation)
+
+    @property
+    def label(self) -> str:
+        """``rc1 v2``, ``rc1 v2.1 · key rotated``: what tables, charts and exports call it."""
+        return checkpoint_label(self.slot_label, self.version_number, self.key_rotation)
 
 
 @dataclass(frozen=True)
@@ -283,7 +302,7 @@ def slot_histories(experiment: Experiment) -> list[SlotSummary]:
     for version in (
         VariantVersion.objects.filter(variant__experiment=experiment)
         .order_by("effective_at", "id")
-        .values("id", "variant_id", "upstream", "effective_at")
+        .values("id", "variant_id", "upstream", "effective_at", "version_number", "key_rotation")
     ):
         versions_by_slot[version["variant_id"]].append(version)
     slots = []
@@ -299,6 +318,8 @@ def slot_histories(experiment: Experiment) -> list[SlotSummary]:
                 effective_until=history[index + 1]["effective_at"]
                 if index + 1 < len(history)
                 else None,
+                version_number=version["version_number"],
+                key_rotation=version["key_rotation"],
             )
             for index, version in enumerate(history)
         ]
@@ -315,11 +336,36 @@ def slot_histories(experiment: Experiment) -> list[SlotSummary]:
     return slots
 
 
-def version_labels(experiment: Experiment) -> dict[uuid.UUID, tuple[uuid.UUID, str, str]]:
-    """version id -> (slot id, slot label, internal id), for every checkpoint."""
+@dataclass(frozen=True)
+class VersionIdentity:
+    """Who a checkpoint is, as the request browser and detail name it."""
+
+    slot_id: uuid.UUID
+    slot_label: str
+    internal_id: str
+    version_number: int
+    key_rotation: int
+
+    @property
+    def key_rotated(self) -> bool:
+        return self.key_rotation > 0
+
+    @property
+    def label(self) -> str:
+        return checkpoint_label(self.slot_label, self.version_number, self.key_rotation)
+
+
+def version_labels(experiment: Experiment) -> dict[uuid.UUID, VersionIdentity]:
+    """version id -> its slot, internal id and number, for every checkpoint (one query)."""
     return {
-        row["id"]: (row["variant_id"], row["variant__label"], _internal_id(row["upstream"]))
+        row["id"]: VersionIdentity(
+            slot_id=row["variant_id"],
+            slot_label=row["variant__label"],
+            internal_id=_internal_id(row["upstream"]),
+            version_number=row["version_number"],
+            key_rotation=row["key_rotation"],
+        )
         for row in VariantVersion.objects.filter(variant__experiment=experiment).values(
-            "id", "variant_id", "variant__label", "upstream"
+            "id", "variant_id", "variant__label", "upstream", "version_number", "key_rotation"
         )
     }

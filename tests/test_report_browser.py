@@ -48,7 +48,7 @@ def test_staff_reads_stats_browses_requests_and_inflates_a_prompt(
 
     page.goto(f"{live_server.url}/admin/experiments/experiment/{seeded.experiment.pk}/stats/")
     assert page.locator("svg.mx-chart").count() == 3
-    assert page.locator("svg.mx-chart polyline.mx-series").count() == 3
+    assert page.locator("svg.mx-chart path.mx-series").count() == 3
     assert page.locator("svg.mx-chart line.mx-handover").count() == 1
     assert page.locator("#srm-warning").is_visible()
     # Quality signals per checkpoint: error categories, finish reasons, tool-call rate.

@@ -88,7 +88,7 @@ def test_stats_page_renders_figures_and_three_charts(staff_client, seeded):
     assert body.count('class="mx-chart"') == 3
     for internal_id in ("rc-alpha-1", "rc-alpha-2", "rc-bravo-1"):
         assert internal_id in body
-    assert "hot-swap → rc-alpha-2" in body
+    assert "hot-swap → slot-a v2" in body
 
 
 @pytest.mark.parametrize("window", ["hour", "day", "week", "all"])

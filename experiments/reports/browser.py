@@ -24,7 +24,7 @@ from experiments.models import (
     ExperimentRequest,
 )
 from experiments.reports.filters import BrowserFilters, ReportInputError
-from experiments.selectors import version_labels
+from experiments.selectors import VersionIdentity, version_labels
 
 BROWSER_PAGE_SIZE = 50
 
@@ -66,6 +66,8 @@ class RequestRow:
     output_tokens: int
     ttfb_ms: int | None
     total_ms: int | None
+    #: ``rc1 v2``, ``rc1 v2.1 · key rotated`` (selectors.VersionIdentity.label)
+    checkpoint_label: str = ""
 
 
 @dataclass
@@ -94,8 +96,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     return created_at, usage_id
 
 
-def to_row(values: dict, labels: dict) -> RequestRow:
-    _, slot_label, internal_id = labels[values["variant_version_id"]]
+def to_row(values: dict, labels: dict[uuid.UUID, VersionIdentity]) -> RequestRow:
+    identity = labels[values["variant_version_id"]]
+    slot_label, internal_id = identity.slot_label, identity.internal_id
     return RequestRow(
         usage_id=values["usage_id"],
         created_at=values["created_at"],
@@ -114,6 +117,7 @@ def to_row(values: dict, labels: dict) -> RequestRow:
         output_tokens=values["output_tokens"],
         ttfb_ms=values["ttfb_ms"],
         total_ms=values["total_ms"],
+        checkpoint_label=identity.label,
     )
 
 
@@ -135,8 +139,8 @@ def browse_requests(
     labels = version_labels(experiment)
     version_ids = [
         version_id
-        for version_id, (slot_id, _, _) in labels.items()
-        if (filters.slot is None or slot_id == filters.slot)
+        for version_id, identity in labels.items()
+        if (filters.slot is None or identity.slot_id == filters.slot)
         and (filters.checkpoint is None or version_id == filters.checkpoint)
     ]
     position = decode_cursor(cursor) if cursor else None

@@ -313,6 +313,18 @@ def bucket_seconds_for(span: timedelta) -> int:
     return _BUCKET_SIZES[-1]
 
 
+def bucket_name(seconds: int) -> str:
+    """A chart bucket as people say it: "minute", "15 minutes", "3 hours", "day"."""
+    if seconds % 86400 == 0:
+        days = seconds // 86400
+        return "day" if days == 1 else f"{days} days"
+    if seconds % 3600 == 0:
+        hours = seconds // 3600
+        return "hour" if hours == 1 else f"{hours} hours"
+    minutes = seconds // 60
+    return "minute" if minutes == 1 else f"{minutes} minutes"
+
+
 def _levels_for(size: int) -> tuple[int, ...]:
     """Stored resolutions that tile a chart bucket of ``size`` seconds, coarsest first."""
     return tuple(

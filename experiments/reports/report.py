@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.db import connection
 from django.utils import timezone
 
 from experiments.models import Experiment
@@ -26,10 +27,11 @@ from experiments.reports.figures import (
     CheckpointStats,
     SlotStats,
     TimeSeries,
+    bucket_name,
     fill_figures,
     timeseries,
 )
-from experiments.reports.filters import ReportFilters
+from experiments.reports.filters import ReportFilters, bucket_ranges
 from experiments.reports.histogram import RELATIVE_ACCURACY
 from experiments.reports.statistics import (
     METHOD_REFERENCE,
@@ -55,6 +57,8 @@ class ExperimentReport:
     comparisons: Comparisons
     timeseries: TimeSeries
     generated_at: datetime
+    #: The database the figures were read from, as "PostgreSQL 16.4" or "SQLite 3.45.1".
+    database: str = ""
 
     @property
     def checkpoints(self) -> list[CheckpointStats]:
@@ -106,12 +110,21 @@ class ExperimentReport:
     def notes(self) -> list[str]:
         """What the figures mean where it is not obvious: on the page and in exports."""
         notes = [
+            f"Computed on {self.database or 'this database'} from the rollup tables (kept "
+            f"up to date as requests are recorded){self._buckets_read()}; no raw request "
+            "rows were read.",
             f"Percentiles come from log-bucket histograms, within {RELATIVE_ACCURACY:.0%} of "
             "the exact value (linear interpolation, as PostgreSQL percentile_cont); counts, "
             "sums, means and subjects are exact.",
         ]
         if self.filters.widened:
-            notes.append("The window was widened to whole minutes (rollups are per minute).")
+            span = " to ".join(
+                moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "now"
+                for moment in (self.filters.since, self.filters.until)
+            )
+            notes.append(
+                f"The window was widened to whole minutes ({span}): rollups are per minute."
+            )
         hours = self.filters.histogram_window()
         if self.windowed and (hours.since, hours.until) != (self.filters.since, self.filters.until):
             span = " to ".join(
@@ -160,7 +173,38 @@ class ExperimentReport:
                 "including checkpoints that served at other times: those differences also "
                 "carry whatever changed between the periods."
             )
+        series = self.timeseries
+        if self.total_requests and series.buckets:
+            notes.append(
+                f"Requests over time: one step per {bucket_name(series.bucket_seconds)} "
+                f"({len(series.buckets)} buckets, chosen for the span shown); each "
+                "checkpoint's line runs only while it served its slot."
+            )
         return notes
+
+    def _buckets_read(self) -> str:
+        """Which stored resolutions the window's counts were read from."""
+        since, until = self.filters.epochs
+        if since is None and until is None:
+            return ", all-time rows"
+        sizes = {size for size, _, _ in bucket_ranges(since, until)}
+        names = [name for size, name in _RESOLUTION_NAMES if size in sizes]
+        return f", whole {' and '.join(names)} buckets" if names else ""
+
+
+_RESOLUTION_NAMES = ((86400, "day"), (3600, "hour"), (60, "minute"))
+
+
+def database_name() -> str:
+    """The database behind the default connection, as staff would name it."""
+    if connection.vendor == "postgresql":
+        version = connection.pg_version  # e.g. 160004
+        return f"PostgreSQL {version // 10000}.{version % 10000}"
+    if connection.vendor == "sqlite":
+        import sqlite3
+
+        return f"SQLite {sqlite3.sqlite_version}"
+    return connection.display_name
 
 
 def current_checkpoints(slots: list[SlotStats], now: datetime) -> dict:
@@ -198,4 +242,5 @@ def experiment_report(
         ),
         timeseries=timeseries(checkpoints, filters, now),
         generated_at=now,
+        database=database_name(),
     )

@@ -35,7 +35,13 @@ from django.core.management.base import CommandError, CommandParser
 
 from experiments import selectors, services
 from experiments.management.output import CommandRefusal, JsonCommand, add_json_option
-from experiments.models import CheckpointCheck, Experiment, Variant, VariantVersion
+from experiments.models import (
+    CheckpointCheck,
+    Experiment,
+    Variant,
+    VariantVersion,
+    checkpoint_label,
+)
 
 #: Larger upstream files are certainly a mistake (the allowlist is a handful of fields).
 MAX_UPSTREAM_FILE_BYTES = 256 * 1024
@@ -50,6 +56,53 @@ def _one_line(message: str) -> str:
 
 def _timestamp(moment: datetime | None) -> str | None:
     return moment.isoformat(timespec="seconds") if moment else None
+
+
+def _version_name(variant: Variant, version: VariantVersion) -> dict[str, Any]:
+    """The checkpoint's number and name (SPEC §10), as every command output carries them."""
+    return {
+        "version_number": version.version_number,
+        "key_rotation": version.key_rotation,
+        "key_rotated": version.key_rotated,
+        "label": checkpoint_label(variant.label, version.version_number, version.key_rotation),
+    }
+
+
+def _checkpoint_history(experiment: Experiment) -> list[dict[str, Any]]:
+    """Every checkpoint of every slot, oldest first per slot, with its number and period."""
+    return [
+        {
+            "variant_id": str(slot.slot_id),
+            "slot": slot.label,
+            "version_id": str(c.version_id),
+            "version_number": c.version_number,
+            "key_rotation": c.key_rotation,
+            "key_rotated": c.key_rotated,
+            "label": c.label,
+            "internal_id": c.internal_id,
+            "effective_from": _timestamp(c.effective_from),
+            "effective_until": _timestamp(c.effective_until),
+        }
+        for slot in selectors.slot_histories(experiment)
+        for c in slot.checkpoints
+    ]
+
+
+def _history_lines(history: list[dict[str, Any]]) -> list[str]:
+    if not history:
+        return []
+    headers = ("CHECKPOINT", "INTERNAL ID", "VERSION ID", "EFFECTIVE FROM", "UNTIL")
+    rows = [
+        (
+            c["label"],
+            c["internal_id"],
+            c["version_id"],
+            c["effective_from"],
+            c["effective_until"] or "current",
+        )
+        for c in history
+    ]
+    return ["", "Checkpoint history (per slot, oldest first; times UTC):", *_table(headers, rows)]
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -315,6 +368,7 @@ class Command(JsonCommand):
         check = selectors.latest_checks([version.pk]).get(version.pk)
         return {
             "id": str(version.pk),
+            **_version_name(variant, version),
             "internal_id": version.internal_id,
             "base_url_host": version.base_url_host,
             "effective_at": _timestamp(version.effective_at),
@@ -367,6 +421,7 @@ class Command(JsonCommand):
         summary = {
             **self._summary(experiment),
             "variants": self._variants(experiment),
+            "checkpoint_history": _checkpoint_history(experiment),
             "key_warnings": services.key_warnings(experiment),
         }
         lines = [
@@ -387,6 +442,7 @@ class Command(JsonCommand):
             ),
             "",
             *self._variant_lines(summary["variants"]),
+            *_history_lines(summary["checkpoint_history"]),
             *(f"WARNING: {_one_line(warning)}" for warning in summary["key_warnings"]),
         ]
         self.emit(lines, {"experiment": summary})
@@ -395,7 +451,7 @@ class Command(JsonCommand):
     def _variant_lines(variants: list[dict[str, Any]]) -> list[str]:
         if not variants:
             return ["No variants."]
-        headers = ("VARIANT ID", "LABEL", "WEIGHT", "SHARE", "CHECKPOINT", "VERSION ID")
+        headers = ("VARIANT ID", "LABEL", "WEIGHT", "SHARE", "VERSION", "CHECKPOINT", "VERSION ID")
         headers += ("BASE URL HOST", "EFFECTIVE AT", "KEY", "LAST TEST")
         rows = []
         for v in variants:
@@ -406,6 +462,7 @@ class Command(JsonCommand):
                     f"{v['label']} (control)" if v["is_control"] else v["label"],
                     str(v["weight"]),
                     f"{v['share_percent']:.1f}%",
+                    cp.get("label", "-"),
                     cp.get("internal_id", "(no checkpoint)"),
                     cp.get("id", "-"),
                     cp.get("base_url_host", "-"),
@@ -607,6 +664,7 @@ class Command(JsonCommand):
     ) -> None:
         checkpoint = {
             "id": str(version.pk),
+            **_version_name(variant, version),
             "variant_id": str(variant.pk),
             "internal_id": version.internal_id,
             "base_url_host": version.base_url_host,
@@ -614,9 +672,9 @@ class Command(JsonCommand):
             "new_key": new_key,
         }
         lines = [
-            f"{verb} variant {variant.label!r}: version {version.pk} "
-            f"({version.internal_id} at {version.base_url_host}), key "
-            f"{'replaced' if new_key else 'kept'}."
+            f"{verb} variant {variant.label!r}: {checkpoint['label']}, version {version.pk} "
+            f"({version.internal_id} at {version.base_url_host}, effective "
+            f"{checkpoint['effective_at']}), key {'replaced' if new_key else 'kept'}."
         ]
         payload: dict[str, Any] = {"version": checkpoint}
         check = selectors.latest_checks([version.pk]).get(version.pk)

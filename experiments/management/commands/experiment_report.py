@@ -29,6 +29,11 @@ from experiments.selectors import NotFound, find_experiment
 
 CSV_COLUMNS = [
     "slot",
+    "version_id",
+    "version_number",
+    "key_rotation",
+    "key_rotated",
+    "label",
     "internal_id",
     "effective_from",
     "effective_until",
@@ -84,6 +89,12 @@ def _iso(moment) -> str | None:
 def checkpoint_record(checkpoint: CheckpointStats) -> dict:
     return {
         "slot": checkpoint.slot_label,
+        # The exact checkpoint (reports group by it) and the name people say for it.
+        "version_id": str(checkpoint.version_id),
+        "version_number": checkpoint.version_number,
+        "key_rotation": checkpoint.key_rotation,
+        "key_rotated": checkpoint.key_rotated,
+        "label": checkpoint.label,
         "internal_id": checkpoint.internal_id,
         "effective_from": _iso(checkpoint.effective_from),
         "effective_until": _iso(checkpoint.effective_until) or "current",
@@ -275,7 +286,7 @@ def render_table(report: ExperimentReport) -> str:
     header = (
         "slot",
         "checkpoint",
-        "effective",
+        "effective (UTC)",
         "requests",
         "subjects",
         "users",
@@ -292,9 +303,11 @@ def render_table(report: ExperimentReport) -> str:
             table.append(
                 (
                     slot.label,
-                    c.internal_id,
-                    f"{c.effective_from:%Y-%m-%d %H:%M} → "
-                    + (f"{c.effective_until:%Y-%m-%d %H:%M}" if c.effective_until else "current"),
+                    f"{c.label} ({c.internal_id})",
+                    f"{c.effective_from:%Y-%m-%d %H:%M:%S} → "
+                    + (
+                        f"{c.effective_until:%Y-%m-%d %H:%M:%S}" if c.effective_until else "current"
+                    ),
                     _number(c.requests),
                     _number(c.distinct_subjects),
                     _number(c.distinct_users),
