@@ -260,7 +260,9 @@ def test_swap_anyway_inserts_the_checkpoint_with_its_failed_test(
     )
     assert response.redirect_chain == [(change_url(variant.experiment), 302)]
     [message] = messages_of(response)
-    assert message.startswith("Variant 'slot-a' now serves 'rc-new' although its connection test")
+    assert message.startswith(
+        "Variant 'slot-a' now serves 'rc-new' as slot-a v3 although its connection test"
+    )
     assert message.endswith("swapped anyway as confirmed.")
     new = services.current_version(variant)
     assert new.internal_id == "rc-new"
@@ -277,7 +279,7 @@ def test_saving_a_passing_checkpoint_swaps_and_shows_its_test_in_the_history(
     )
     [message] = messages_of(response)
     assert message.startswith(
-        "Variant 'slot-a' now serves 'rc-new'; connection test passed (HTTP 200, "
+        "Variant 'slot-a' now serves 'rc-new' as slot-a v3; connection test passed (HTTP 200, "
     )
     new = services.current_version(variant)
     assert [(c.ok, c.status_code) for c in new.checks.all()] == [(True, 200)]
@@ -305,7 +307,10 @@ def test_rotate_page_tests_the_new_key_first_and_offers_rotate_anyway(
         rotate_url(variant), {"api_key": PARTNER_API_KEY, "_save": "1"}, follow=True
     )
     [message] = messages_of(response)
-    assert message.startswith("Rotated the key of variant 'slot-a'; connection test passed")
+    assert message.startswith(
+        "Rotated the key of variant 'slot-a'; it now serves slot-a v2.1 · key rotated; "
+        "connection test passed"
+    )
     new = services.current_version(variant)
     assert [(c.ok, c.status_code) for c in new.checks.all()] == [(True, 200)]
     assert [r["headers"]["authorization"] for r in keyed_upstream.received] == [
