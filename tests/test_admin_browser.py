@@ -266,7 +266,7 @@ def test_a_wrong_key_is_caught_before_it_serves_in_an_active_experiment(
         page.click("input[name=_save]")
         page.wait_for_selector("ul.messagelist")
         assert (
-            "now serves 'rc-new' as slot-b v2; connection test passed (HTTP 200"
+            f"now serves 'rc-new' as {slot.label} v2; connection test passed (HTTP 200"
             in page.inner_text("ul.messagelist")
         )
         current = slot_row(page, slot.label).locator("tr.mx-current-version").inner_text()
