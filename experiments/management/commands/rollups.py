@@ -31,7 +31,7 @@ class Command(BaseCommand):
         started = time.monotonic()
         if options["action"] == "rebuild":
             draw = progress_bar(self.stderr)
-            rows = rollups.rebuild(progress=lambda done, hours: draw("hours", done, hours))
+            rows = rollups.rebuild(progress=lambda done, days: draw("days", done, days))
             self.stdout.write(
                 f"Rebuilt the rollups from {rows:,} attribution row(s) "
                 f"in {time.monotonic() - started:.1f} s."
