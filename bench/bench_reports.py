@@ -1,13 +1,16 @@
 """Report benchmark on PostgreSQL: the same figures at two sizes, side by side.
 
-For each size (default 1,000,000 and 10,000,000 attributed requests over a week, two
-slots and three checkpoints, slot A hot-swapping half-way) it seeds a fresh database
-with INSERT ... SELECT generate_series (no Python per row), rebuilds the rollups from
-the raw rows (``rollups.rebuild``, timed), then times the stats page (all time,
-last day, machine subjects only; cold: nothing is cached, PostgreSQL's buffers are
-warm), the request browser (first page, a deep page, errors only), and the gateway
-CPU that maintaining the rollups costs per record (``record_requests`` on batches as
-the writer sends them).
+For each size (default 1,000,000 and 10,000,000 attributed requests over 45 days, i.e.
+three monthly partitions; two slots of two checkpoints, each slot hot-swapping once;
+errors of five kinds, every subject kind, streamed and not) it seeds a fresh database
+with INSERT ... SELECT generate_series (no Python per row; secondary indexes built after
+the load, as a restore would), rebuilds the rollups from the raw rows with the
+operator's ``manage.py rollups rebuild`` (timed, with its progress bar), then times the
+stats page (all time, last day, machine subjects only; cold: nothing is cached,
+PostgreSQL's buffers are warm), the request browser (first page, a deep page, errors
+only), and the CPU of ``record_requests`` per record on writer-sized batches (in this
+process; the gateways' own figure, two processes under load, is bench_rollup_cost.py).
+Record the machine's load average alongside: the figures are wall-clock times.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \\
         python bench/bench_reports.py [--rows 1000000 10000000] [--keep]
