@@ -30,6 +30,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,19 +61,37 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
-def recreate_database(url: str) -> None:
+def database_name(rows: int) -> str:
+    return f"{BENCH_DATABASE}_{rows}"
+
+
+def recreate_database(url: str, name: str) -> None:
     import psycopg
 
     with psycopg.connect(with_database(url, "postgres"), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {BENCH_DATABASE}")
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
 
 
-def drop_database(url: str) -> None:
+def drop_database(url: str, name: str) -> None:
     import psycopg
 
     with psycopg.connect(with_database(url, "postgres"), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def use_database(name: str) -> None:
+    """Point Django's default connection at database ``name``."""
+    from django.conf import settings
+    from django.db import connections
+
+    connections.close_all()
+    settings.DATABASES["default"]["NAME"] = name
+    connections["default"].settings_dict["NAME"] = name
+
+
+def load_average() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def median_ms(action, runs: int) -> tuple[float, list[float]]:
@@ -326,19 +345,14 @@ def deep_cursor(experiment, page: int, page_size: int) -> str:
     return encode_cursor(*last)
 
 
-def bench_size(rows: int, runs: int, deep_page: int, url: str, started: float) -> dict:
-    """Seed ``rows`` requests in a fresh database and time everything; returns figures."""
-    from django.db import connection, connections
-
-    from experiments.reports import charts
-    from experiments.reports.browser import BROWSER_PAGE_SIZE, browse_requests
-    from experiments.reports.filters import BrowserFilters, ReportFilters
-    from experiments.reports.report import experiment_report
-
-    connections.close_all()
-    recreate_database(url)
+def build_size(rows: int, url: str, started: float) -> tuple[Any, float]:
+    """A fresh database of ``rows`` requests with its rollups rebuilt; (experiment, rebuild
+    seconds)."""
     from django.core.management import call_command
+    from django.db import connection
 
+    recreate_database(url, database_name(rows))
+    use_database(database_name(rows))
     call_command("migrate", verbosity=0)
     say(f"{rows:,}: migrated", started)
     experiment = seed(rows, started)
@@ -346,9 +360,20 @@ def bench_size(rows: int, runs: int, deep_page: int, url: str, started: float) -
     # The operator's command, progress bar and all.
     call_command("rollups", "rebuild")
     rebuild_s = time.perf_counter() - began
-    say(f"{rows:,}: rollups rebuilt in {rebuild_s:.1f} s", started)
+    say(f"{rows:,}: rollups rebuilt in {rebuild_s:.1f} s (load {load_average():.1f})", started)
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE")
+    return experiment, rebuild_s
+
+
+def time_size(rows: int, experiment, runs: int, deep_page: int) -> dict[str, list[float]]:
+    """One round of timings on the database of ``rows`` requests (made current here)."""
+    from experiments.reports import charts
+    from experiments.reports.browser import BROWSER_PAGE_SIZE, browse_requests
+    from experiments.reports.filters import BrowserFilters, ReportFilters
+    from experiments.reports.report import experiment_report
+
+    use_database(database_name(rows))
 
     def stats(filters=None):
         report = experiment_report(experiment, filters)
@@ -357,37 +382,34 @@ def bench_size(rows: int, runs: int, deep_page: int, url: str, started: float) -
         charts.observed_vs_configured_share(report.slots)
         return report
 
-    report = stats()
+    report = stats()  # connects; not timed
     assert report.total_requests == rows, (report.total_requests, rows)
-    figures = {"rebuild_s": rebuild_s}
-    figures["stats, all time"], _ = median_ms(stats, runs)
+    timings = {}
+    _, timings["stats, all time"] = median_ms(stats, runs)
     last_day = ReportFilters(since=SEED_START + SEED_SPAN - timedelta(days=1))
-    figures["stats, last day"], _ = median_ms(lambda: stats(last_day), runs)
+    _, timings["stats, last day"] = median_ms(lambda: stats(last_day), runs)
     machine = ReportFilters(subject_kind="machine")
-    figures["stats, machine subjects only"], _ = median_ms(lambda: stats(machine), runs)
-    figures["browser, first page"], _ = median_ms(lambda: browse_requests(experiment), runs * 2)
+    _, timings["stats, machine subjects only"] = median_ms(lambda: stats(machine), runs)
+    _, timings["browser, first page"] = median_ms(lambda: browse_requests(experiment), runs * 2)
     cursor = deep_cursor(experiment, deep_page, BROWSER_PAGE_SIZE)
     assert len(browse_requests(experiment, cursor=cursor).rows) == BROWSER_PAGE_SIZE
-    figures[f"browser, page {deep_page:,}"], _ = median_ms(
+    _, timings[f"browser, page {deep_page:,}"] = median_ms(
         lambda: browse_requests(experiment, cursor=cursor), runs * 2
     )
     errors = BrowserFilters(status="error")
-    figures[f"browser, errors only, from page {deep_page:,}"], _ = median_ms(
+    _, timings[f"browser, errors only, from page {deep_page:,}"] = median_ms(
         lambda: browse_requests(experiment, errors, cursor=cursor), runs * 2
     )
-    for batch in (10, 100, 500):
-        figures[f"rollup upkeep, batches of {batch}"] = write_cost_us(batch)
-    say(f"{rows:,}: timed", started)
-    connections.close_all()
-    return figures
+    return timings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per round")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds, sizes alternating")
     parser.add_argument("--deep-page", type=int, default=10_000)
-    parser.add_argument("--keep", action="store_true", help="keep the last bench database")
+    parser.add_argument("--keep", action="store_true", help="keep the bench databases")
     args = parser.parse_args()
     started = time.perf_counter()
     url = server_url()
@@ -399,13 +421,38 @@ def main() -> None:
     import django
 
     django.setup()
-    results = {}
+    results: dict[int, dict[str, float]] = {}
+    experiments = {}
     try:
         for rows in args.rows:
-            results[rows] = bench_size(rows, args.runs, args.deep_page, url, started)
+            experiments[rows], rebuild_s = build_size(rows, url, started)
+            results[rows] = {"rebuild_s": rebuild_s}
+        # Timed in alternating rounds, so the sizes share the machine's load alike.
+        timings: dict[int, dict[str, list[float]]] = {rows: {} for rows in args.rows}
+        loads: list[float] = []
+        for number in range(args.rounds):
+            order = args.rows if number % 2 == 0 else args.rows[::-1]
+            for rows in order:
+                loads.append(load_average())
+                for name, runs in time_size(
+                    rows, experiments[rows], args.runs, args.deep_page
+                ).items():
+                    timings[rows].setdefault(name, []).extend(runs)
+            say(f"timing round {number + 1}/{args.rounds} (load {load_average():.1f})", started)
+        for rows in args.rows:
+            use_database(database_name(rows))
+            results[rows].update(
+                {name: statistics.median(runs) for name, runs in timings[rows].items()}
+            )
+            for batch in (10, 100, 500):
+                results[rows][f"rollup upkeep, batches of {batch}"] = write_cost_us(batch)
     finally:
+        from django.db import connections
+
+        connections.close_all()
         if not args.keep:
-            drop_database(url)
+            for rows in args.rows:
+                drop_database(url, database_name(rows))
     sizes = list(results)
     names = [name for name in results[sizes[0]] if name != "rebuild_s"]
     print()
@@ -428,6 +475,10 @@ def main() -> None:
             f"stats all time, {sizes[-1]:,} vs {sizes[0]:,}: {growth:.2f}x "
             f"(target <= {STATS_GROWTH_TARGET}x)"
         )
+    print(
+        f"load average (1 min) at the timing rounds: min {min(loads):.1f}, "
+        f"median {statistics.median(loads):.1f}, max {max(loads):.1f}"
+    )
     say("done", started)
 
 
