@@ -126,7 +126,7 @@ def test_rebuild_command_shows_progress_and_counts_the_rows():
     out, err = io.StringIO(), io.StringIO()
     call_command("rollups", "rebuild", stdout=out, stderr=err)
     assert "Rebuilt the rollups from 60 attribution row(s)" in out.getvalue()
-    assert "hours  [" in err.getvalue()
+    assert "days   [" in err.getvalue()
     assert report_figures(seeded.experiment) == before
 
 

@@ -217,10 +217,28 @@ def _batch_json(rows: Sequence[Mapping[str, Any]]) -> str:
 # statements as data-modifying CTEs: three round trips a batch.
 
 #: Every bucket at every resolution: each source row counts once per resolution.
-_LEVELS = "(SELECT 60 AS res UNION ALL SELECT 3600 UNION ALL SELECT 86400 UNION ALL SELECT 0) AS l"
+_LEVELS = (60, 3600, 86400, 0)
 #: Histograms start at hours: per minute their bins would outnumber the requests at
 #: high traffic (hundreds of bins a minute per checkpoint and kind).
-_HISTOGRAM_LEVELS = "(SELECT 3600 AS res UNION ALL SELECT 86400 UNION ALL SELECT 0) AS l"
+_HISTOGRAM_LEVELS = (3600, 86400, 0)
+#: What ``rebuild`` writes from the raw rows a day at a time: the buckets a day
+#: completes. All time is summed from the days afterwards (``_coarser_sql``): adding
+#: each step to it as it goes would update the same rows once a step, all in one
+#: transaction, each update leaving a row version nothing can prune until it commits.
+_REBUILD_LEVELS = (60, 3600, 86400)
+_REBUILD_HISTOGRAM_LEVELS = (3600, 86400)
+
+
+def _levels(resolutions: Sequence[int]) -> str:
+    """The resolutions as a row source ``l(res)``."""
+    first, *rest = resolutions
+    return (
+        "("
+        + " UNION ALL ".join([f"SELECT {first} AS res", *(f"SELECT {r}" for r in rest)])
+        + ") AS l"
+    )
+
+
 _BUCKET = "CASE WHEN l.res = 0 THEN 0 ELSE x.e - x.e %% l.res END"  # %% is a literal %
 
 
@@ -263,7 +281,7 @@ _CATEGORY_COUNTS = (
 )
 
 
-def _counts_sql() -> str:
+def _counts_sql(levels: Sequence[int] = _LEVELS) -> str:
     """Counts and sums per checkpoint, kind and bucket, and the first-seen changes ``d``."""
     classes = ", ".join(
         f"CASE WHEN src.st >= {low} AND src.st < {low + 100} THEN 1 ELSE 0 END AS s{low // 100}"
@@ -287,7 +305,7 @@ def _counts_sql() -> str:
         f"0 AS ns, 0 AS nss, 0 AS nm, {categories} FROM src "
         "UNION ALL SELECT d.v, d.kind, d.e, NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, "
         f"d.ns, d.nss, d.nm, {no_categories} FROM d"
-        f") AS x CROSS JOIN {_LEVELS} WHERE true GROUP BY x.v, x.kind, l.res, {_BUCKET}"
+        f") AS x CROSS JOIN {_levels(levels)} WHERE true GROUP BY x.v, x.kind, l.res, {_BUCKET}"
     )
     columns = [
         "variant_version_id",
@@ -302,12 +320,12 @@ def _counts_sql() -> str:
     return _upsert(RequestRollup, columns, select, MEASURES)
 
 
-def _errors_sql() -> str:
+def _errors_sql(levels: Sequence[int] = _LEVELS) -> str:
     select = (
         f"SELECT x.v, x.kind, l.res, {_BUCKET}, x.ek, %(writer)s, COUNT(*) "
         "FROM (SELECT src.v, src.kind, src.e, "
         f"COALESCE(src.ek, '{UNSPECIFIED_ERROR_KIND}') AS ek FROM src WHERE src.er) AS x "
-        f"CROSS JOIN {_LEVELS} WHERE true GROUP BY x.v, x.kind, l.res, {_BUCKET}, x.ek"
+        f"CROSS JOIN {_levels(levels)} WHERE true GROUP BY x.v, x.kind, l.res, {_BUCKET}, x.ek"
     )
     columns = [
         "variant_version_id",
@@ -321,7 +339,7 @@ def _errors_sql() -> str:
     return _upsert(ErrorKindRollup, columns, select, ("count",))
 
 
-def _bins_sql() -> str:
+def _bins_sql(levels: Sequence[int] = _HISTOGRAM_LEVELS) -> str:
     """Histogram bins: ``histogram.key_of`` in SQL, so the database computes and groups
     the keys."""
     value = "CAST(m.value AS DOUBLE PRECISION)"
@@ -342,7 +360,7 @@ def _bins_sql() -> str:
     select = (
         f"SELECT x.v, x.kind, l.res, {_BUCKET}, x.metric, x.key, %(writer)s, COUNT(*) "
         f"FROM (SELECT m.v, m.kind, m.e, m.metric, {key} AS key FROM ({metrics}) AS m) AS x "
-        f"CROSS JOIN {_HISTOGRAM_LEVELS} WHERE true "
+        f"CROSS JOIN {_levels(levels)} WHERE true "
         f"GROUP BY x.v, x.kind, l.res, {_BUCKET}, x.metric, x.key"
     )
     columns = [
@@ -490,17 +508,74 @@ def _raw_rows() -> str:
     )
 
 
-@lru_cache(maxsize=4)
-def _phases(vendor: str, source: str = "batch") -> tuple[list[str], list[str], list[str]]:
+def _deltas_rows() -> str:
+    return _json_rows("d", "deltas", [*_DELTAS, *((name, "bigint") for name in _DELTA_MEASURES)])
+
+
+@lru_cache(maxsize=2)
+def _phases(vendor: str) -> tuple[list[str], list[str], list[str]]:
     """(insert first-seen rows, move first-seen rows, add to the rollups), per vendor,
-    reading a writer's batch or (``source="raw"``) a time range of attribution rows."""
-    rows = _json_rows("src", "batch", _SOURCE) if source == "batch" else _raw_rows()
-    deltas = _json_rows("d", "deltas", [*_DELTAS, *((name, "bigint") for name in _DELTA_MEASURES)])
+    reading a writer's batch."""
+    rows = _json_rows("src", "batch", _SOURCE)
     return (
         _statements([rows], [table.insert_sql() for table in _FIRST_SEEN], returning=True),
         _statements([rows], [table.move_sql() for table in _FIRST_SEEN], returning=True),
-        _statements([rows, deltas], [_counts_sql(), _errors_sql(), _bins_sql()], returning=False),
+        _statements(
+            [rows, _deltas_rows()], [_counts_sql(), _errors_sql(), _bins_sql()], returning=False
+        ),
     )
+
+
+@lru_cache(maxsize=2)
+def _rebuild_phases(vendor: str) -> tuple[list[str], list[str]]:
+    """(insert first-seen rows, add to the rollups) for the attribution rows of
+    [%(since)s, %(until)s): the writers' statements, at the resolutions a day completes.
+
+    On PostgreSQL one statement, in which the first-seen rows inserted (``RETURNING``)
+    are the first-seen changes ``d`` the rollups add, counted by the database; the first
+    phase is then empty. On SQLite the changes go through Python as for a writer."""
+    rows = _raw_rows()
+    inserts = [table.insert_sql() for table in _FIRST_SEEN]
+    adds = [
+        _counts_sql(_REBUILD_LEVELS),
+        _errors_sql(_REBUILD_LEVELS),
+        _bins_sql(_REBUILD_HISTOGRAM_LEVELS),
+    ]
+    if vendor != "postgresql":
+        return (
+            _statements([rows], inserts, returning=True),
+            _statements([rows, _deltas_rows()], adds, returning=False),
+        )
+    firsts = [f"f{index} AS ({insert})" for index, insert in enumerate(inserts)]
+    returned = " UNION ALL ".join(f"SELECT * FROM f{index}" for index in range(len(inserts)))
+    sums = ", ".join(
+        f"SUM(CASE WHEN f.measure = '{name}' THEN 1 ELSE 0 END) AS {name}"
+        for name in _DELTA_MEASURES
+    )
+    deltas = (
+        f"d AS (SELECT f.v, f.kind, f.e, {sums} FROM ({returned}) AS f(measure, v, kind, e) "
+        "GROUP BY f.v, f.kind, f.e)"
+    )
+    return [], _statements([rows, *firsts, deltas], adds, returning=False)
+
+
+def _coarser_sql(model: type[models.Model], source: int, target: int) -> str:
+    """Writer 0's rows at resolution ``target`` summed from its rows at ``source``."""
+    sums, with_times = _SUMMED[model]
+    key = [c for c in _pk_columns(model) if c != "writer"]
+    bucket = "0" if target == 0 else f"(bucket / {target}) * {target}"
+    picked = [str(target) if c == "resolution" else bucket if c == "bucket" else c for c in key]
+    grouped = [c for c in key if c not in ("resolution", "bucket")] + ([bucket] if target else [])
+    totals = [f"SUM({c})" for c in sums]
+    times = ["first_request_at", "last_request_at"] if with_times else []
+    if with_times:
+        totals += ["MIN(first_request_at)", "MAX(last_request_at)"]
+    select = (
+        f"SELECT {', '.join(picked)}, {COMPACTED_WRITER}, {', '.join(totals)} "
+        f"FROM {model._meta.db_table} WHERE resolution = {source} "
+        f"AND writer = {COMPACTED_WRITER} GROUP BY {', '.join(grouped)}"
+    )
+    return _upsert(model, [*key, "writer", *sums, *times], select, sums)
 
 
 def _run(statements: list[str], params: dict[str, Any]) -> list[tuple]:
@@ -574,8 +649,10 @@ def record_requests(rows: Sequence[Mapping[str, Any]], *, writer: int | None = N
 
 ROLLUP_MODELS = (RequestRollup, ErrorKindRollup, LatencyBin)
 FIRST_SEEN_MODELS = (SlotSubject, CheckpointSubject, CheckpointMessage)
-#: Rebuild reads the attribution rows an hour at a time, in time order.
-REBUILD_STEP = timedelta(hours=1)
+#: Rebuild reads the attribution rows a day (UTC) at a time, in time order: few enough
+#: statements that planning them costs nothing next to the rows (an hour at a time,
+#: planning took ~20% of a rebuild), small enough to group in memory.
+REBUILD_STEP = timedelta(days=1)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -587,13 +664,14 @@ def rebuild(*, progress: ProgressCallback | None = None) -> int:
     One transaction that locks the writers out of the rollup tables until it commits
     (their records wait in the spool), so a row committed meanwhile is counted either
     here or by its writer afterwards, never both; reports read the old rollups
-    meanwhile. The rows go through the writers' own statements, as writer 0, an hour
+    meanwhile. The rows go through the writers' own statements, as writer 0, a day
     of rows at a time in time order, read by the database itself (no row travels to
-    Python): each key is first seen in the earliest hour that has it, so nothing needs
-    moving back. ``progress`` gets (hours done, hours).
+    Python): each key is first seen in the earliest day that has it, so nothing needs
+    moving back. A day writes its minutes, hours and day; all time is summed from the
+    days at the end (the same sums). ``progress`` gets (days done, days).
     """
     report = progress or (lambda done, total: None)
-    insert, _, add = _phases(connection.vendor, "raw")
+    insert, add = _rebuild_phases(connection.vendor)
     with transaction.atomic():
         tables = [m._meta.db_table for m in (*ROLLUP_MODELS, *FIRST_SEEN_MODELS)]
         with connection.cursor() as cursor:
@@ -601,8 +679,8 @@ def rebuild(*, progress: ProgressCallback | None = None) -> int:
                 # Holds off the writers (and waits for their open transactions); readers
                 # keep reading the old rollups until this commits.
                 cursor.execute(f"LOCK TABLE {', '.join(tables)} IN SHARE ROW EXCLUSIVE MODE")
-                # Grouping an hour of rows in memory rather than on disk.
-                cursor.execute("SET LOCAL work_mem = '64MB'")
+                # Sorting and grouping a day of rows in memory rather than on disk.
+                cursor.execute("SET LOCAL work_mem = '256MB'")
             for table in tables:
                 cursor.execute(f"DELETE FROM {table}")
         span = ExperimentRequest.objects.aggregate(
@@ -611,20 +689,25 @@ def rebuild(*, progress: ProgressCallback | None = None) -> int:
         if span["first"] is None:
             report(0, 0)
             return 0
-        start = span["first"].replace(minute=0, second=0, microsecond=0)
-        hours = int((span["last"] - start) / REBUILD_STEP) + 1
-        report(0, hours)
-        for hour in range(hours):
-            since = start + hour * REBUILD_STEP
+        start = span["first"].astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        steps = int((span["last"] - start) / REBUILD_STEP) + 1
+        report(0, steps)
+        for step in range(steps):
+            since = start + step * REBUILD_STEP
             params = {
                 "since": since,
                 "until": since + REBUILD_STEP,
                 "writer": COMPACTED_WRITER,
                 "multiplier": KEY_MULTIPLIER,
             }
-            inserted = _run(insert, params)
-            _run(add, {**params, "deltas": _deltas_json(inserted, [])})
-            report(hour + 1, hours)
+            if insert:
+                params["deltas"] = _deltas_json(_run(insert, params), [])
+            _run(add, params)
+            report(step + 1, steps)
+        # All time from the days: the sums the writers keep.
+        with connection.cursor() as cursor:
+            for model in ROLLUP_MODELS:
+                cursor.execute(_coarser_sql(model, 86400, 0))
     return span["rows"]
 
 

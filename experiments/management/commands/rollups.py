@@ -32,7 +32,7 @@ class Command(BaseCommand):
         started = time.monotonic()
         if options["action"] == "rebuild":
             draw = progress_bar(self.stderr)
-            rows = rollups.rebuild(progress=lambda done, hours: draw("hours", done, hours))
+            rows = rollups.rebuild(progress=lambda done, days: draw("days", done, days))
             looked, changed = rejoin()
             self.stdout.write(
                 f"Rebuilt the rollups from {rows:,} attribution row(s) "
