@@ -295,3 +295,14 @@ def version_labels(experiment: Experiment) -> dict[uuid.UUID, tuple[uuid.UUID, s
             "id", "variant_id", "variant__label", "upstream"
         )
     }
+
+
+def version_upstreams(experiment: Experiment) -> dict[uuid.UUID, dict]:
+    """version id -> its upstream configuration (never the key: the JSON holds none and
+    the ciphertext column is not selected), for every checkpoint of the experiment."""
+    return {
+        row["id"]: row["upstream"] if isinstance(row["upstream"], dict) else {}
+        for row in VariantVersion.objects.filter(variant__experiment=experiment).values(
+            "id", "upstream"
+        )
+    }
