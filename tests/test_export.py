@@ -566,3 +566,52 @@ def test_progress_is_drawn_on_stderr_and_stdout_says_what_was_written(seeded, tm
     assert f"read   [{'#' * 30}] 8/8\n" in drawn
     assert printed.splitlines()[0] == (f"Wrote {out}: manifest.json, report.json, samples.jsonl.")
     assert printed.splitlines()[1] == "4 checkpoint(s); 8 sample(s) (seed 1)."
+
+
+def test_samples_come_from_the_window_of_the_report_only(seeded, tmp_path):
+    since = seeded.start + timedelta(minutes=45)
+    until = seeded.start + timedelta(minutes=75)
+    out = tmp_path / "bundle"
+    export(
+        str(seeded.experiment.pk),
+        "--out",
+        str(out),
+        "--since",
+        since.isoformat(),
+        "--until",
+        until.isoformat(),
+        "--samples",
+        "1000",
+    )
+    # The report's window is moved out to whole minutes; samples follow it.
+    since = since.replace(second=0)
+    until = until.replace(second=0) + timedelta(minutes=1 if until.second else 0)
+    expected = {
+        index
+        for index, row in enumerate(seeded.requests)
+        if since <= row.created_at < until and row in sampleable(seeded, row.version_id)
+    }
+    assert expected
+    assert {question_index(sample) for sample in samples_of(out)} == expected
+
+
+@pytest.mark.skipif(
+    not answers_captured(),
+    reason="answers are exported once model_experiment_request has response_sha256",
+)
+def test_captured_answers_come_first_and_are_redacted(seeded, store, tmp_path):
+    from experiments.models import ExperimentRequest
+
+    rows = sampleable(seeded, seeded.versions["b1"].pk)
+    for number, row in enumerate(rows[-2:]):
+        sha256 = store.put(f"answer {number}: write to eve@example.com".encode())
+        ExperimentRequest.objects.filter(usage_id=row.usage_id).update(response_sha256=sha256)
+    out = tmp_path / "bundle"
+    export(str(seeded.experiment.pk), "--out", str(out), "--samples", "2")
+    answers = [
+        sample["answer"]
+        for sample in samples_of(out)
+        if sample["checkpoint"]["version_id"] == str(seeded.versions["b1"].pk)
+    ]
+    assert sorted(answers) == ["answer 0: write to [email]", "answer 1: write to [email]"]
+    assert json.loads((out / "manifest.json").read_text())["samples"]["answers_included"] == 2

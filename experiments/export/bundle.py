@@ -57,6 +57,8 @@ SAMPLES = "samples.jsonl"
 MAX_SAMPLES = 10_000
 #: Rows read per round trip while choosing samples.
 SCAN_CHUNK = 5_000
+#: Chosen requests' details read per query.
+DETAIL_CHUNK = 1_000
 SAMPLING_METHOD = (
     "per checkpoint, among successful requests in the window whose prompt is kept (not "
     "wiped, not failed), the N with the smallest BLAKE2b-64 of the request's id keyed "
@@ -252,9 +254,30 @@ SAMPLE_COLUMNS = (
 
 @dataclass
 class SampleSet:
-    lines: list[str] = field(default_factory=list)
+    written: int = 0
     per_checkpoint: dict[str, int] = field(default_factory=dict)
     answers: int = 0
+
+
+class HashingFile:
+    """A file written line by line (a sample can be megabytes: never all in memory),
+    hashed and counted as it goes."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, content: bytes) -> None:
+        self.handle.write(content)
+        self.digest.update(content)
+        self.size += len(content)
+
+    def close(self) -> dict:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        return {"sha256": self.digest.hexdigest(), "bytes": self.size}
 
 
 def build_samples(
@@ -265,6 +288,7 @@ def build_samples(
     seed: int,
     redactor: Redactor,
     progress: Progress,
+    sink: HashingFile,
 ) -> SampleSet:
     with_answers = answers_captured()
     store = get_prompt_store()
@@ -290,14 +314,17 @@ def build_samples(
     done = 0
     columns = SAMPLE_COLUMNS + (("response_sha256",) if with_answers else ())
     for ref, ids in chosen:
-        details = {
-            values["usage_id"]: values
-            for values in ExperimentRequest.objects.filter(usage_id__in=ids).values(*columns)
-        }
+        details = {}
+        for start in range(0, len(ids), DETAIL_CHUNK):
+            part = ids[start : start + DETAIL_CHUNK]
+            for values in ExperimentRequest.objects.filter(usage_id__in=part).values(*columns):
+                details[values["usage_id"]] = values
         number = 0
         for usage_id in ids:
+            done += 1
             values = details.get(usage_id)
             if values is None:  # dropped by retention since it was chosen
+                progress("read", done, total)
                 continue
             prompt = _read(store, values["request_body_sha256"], ref, "prompt")
             answer = None
@@ -322,8 +349,8 @@ def build_samples(
                 "prompt": redactor.value(_without_upstream_fields(_decode(prompt), ref.upstream)),
                 "answer": redactor.value(_decode(answer)) if answer is not None else None,
             }
-            result.lines.append(json.dumps(sample, ensure_ascii=False, sort_keys=False))
-            done += 1
+            sink.write(json.dumps(sample, ensure_ascii=False).encode("utf-8") + b"\n")
+            result.written += 1
             progress("read", done, total)
         result.per_checkpoint[str(ref.version_id)] = number
     if total == 0:
@@ -416,16 +443,19 @@ def write_bundle(
         }
         sample_set = None
         if request.samples:
-            sample_set = build_samples(
-                report,
-                refs,
-                count=request.samples,
-                seed=request.seed,
-                redactor=redactor,
-                progress=progress,
-            )
-            content = "".join(line + "\n" for line in sample_set.lines).encode("utf-8")
-            files[SAMPLES] = _write(partial, SAMPLES, content)
+            sink = HashingFile(partial / SAMPLES)
+            try:
+                sample_set = build_samples(
+                    report,
+                    refs,
+                    count=request.samples,
+                    seed=request.seed,
+                    redactor=redactor,
+                    progress=progress,
+                    sink=sink,
+                )
+            finally:
+                files[SAMPLES] = sink.close()
         manifest = build_manifest(report, record, refs, request, sample_set, redactor, files)
         _write(partial, MANIFEST, _json_bytes(manifest))
         directory = os.open(partial, os.O_RDONLY)
@@ -446,7 +476,7 @@ def write_bundle(
     return ExportSummary(
         out=out,
         files=files,
-        samples=len(sample_set.lines) if sample_set else 0,
+        samples=sample_set.written if sample_set else 0,
         checkpoints=len(refs),
         redactions=dict(redactor.counts),
     )
