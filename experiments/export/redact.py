@@ -104,7 +104,8 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule(
         "url_with_credentials",
         re.compile(
-            r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#@:\"'<>]+:[^\s/?#@\"'<>]*@"
+            # Schemes are short: a bounded scheme keeps a long dotted run linear.
+            r"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]{0,31}://[^\s/?#@:\"'<>]+:[^\s/?#@\"'<>]*@"
             # The rest of the URL, less punctuation that ends the sentence around it.
             r"(?:[^\s\"'<>]*[^\s\"'<>.,;:!?)\]}])?"
         ),
