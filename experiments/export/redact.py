@@ -88,6 +88,9 @@ class Rule:
     accept: Any = None
     #: The group replaced (0: the whole match).
     group: int = 0
+    #: Substrings one of which every match contains: a text holding none of them skips
+    #: the pattern (most prompts hold no "@", "://" or "Bearer").
+    hints: tuple[str, ...] = ()
 
 
 _KEY_BODY = r"[A-Za-z0-9_\-]"
@@ -100,6 +103,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
             re.DOTALL,
         ),
         "[private-key]",
+        hints=("PRIVATE KEY",),
     ),
     Rule(
         "url_with_credentials",
@@ -110,12 +114,14 @@ BUILTIN_RULES: tuple[Rule, ...] = (
             r"(?:[^\s\"'<>]*[^\s\"'<>.,;:!?)\]}])?"
         ),
         "[url-with-credentials]",
+        hints=("://",),
     ),
     Rule(
         "bearer_token",
         re.compile(r"\b[Bb]earer\s+([A-Za-z0-9\-._~+/]{8,}=*)"),
         "[bearer-token]",
         group=1,
+        hints=("earer",),
     ),
     Rule(
         "api_key",
@@ -131,6 +137,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
             r")(?![A-Za-z0-9_\-])"
         ),
         "[api-key]",
+        hints=("sk-", "AKIA", "ASIA", "gh", "github_pat_", "xox", "AIza", "eyJ"),
     ),
     Rule(
         "email",
@@ -139,6 +146,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
             r"[A-Za-z]{2,}(?![A-Za-z0-9\-])"
         ),
         "[email]",
+        hints=("@",),
     ),
     Rule(
         "ipv6",
@@ -148,12 +156,14 @@ BUILTIN_RULES: tuple[Rule, ...] = (
         ),
         "[ipv6]",
         accept=_valid_ipv6,
+        hints=(":",),
     ),
     Rule(
         "ipv4",
         re.compile(r"(?<![0-9A-Za-z.])(?:\d{1,3}\.){3}\d{1,3}(?![0-9A-Za-z]|\.\d)"),
         "[ipv4]",
         accept=_valid_ipv4,
+        hints=("0.", "1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9."),
     ),
     Rule(
         "phone",
@@ -245,6 +255,9 @@ class Redactor:
         return value
 
     def _apply(self, rule: Rule, value: str) -> str:
+        if rule.hints and not any(hint in value for hint in rule.hints):
+            return value
+
         def replace(match: re.Match[str]) -> str:
             if rule.accept is not None and not rule.accept(match.group(0)):
                 return match.group(0)
