@@ -232,7 +232,7 @@ def forbidden_strings(seeded) -> list[str]:
     for row in seeded.requests:
         forbidden += [str(row.usage_id), row.usage_id.hex, row.subject_hash[:32]]
         forbidden.append(str(uuid.UUID(row.subject_hash[:32])))
-        if row.client_request_id and row.client_request_id != "msg-0":
+        if row.client_request_id:
             forbidden.append(f'"{row.client_request_id}"')
         if row.user_id is not None:
             forbidden.append(f'"user_id": {row.user_id}')
