@@ -289,6 +289,16 @@ PROMPT_STORE_S3_ACCESS_KEY_ID = os.environ.get("PROMPT_STORE_S3_ACCESS_KEY_ID", 
 PROMPT_STORE_S3_SECRET_ACCESS_KEY = os.environ.get("PROMPT_STORE_S3_SECRET_ACCESS_KEY", "")
 PROMPT_STORE_S3_PREFIX = os.environ.get("PROMPT_STORE_S3_PREFIX", "prompts/")
 
+# --- Export bundles (experiment_export) ---------------------------------------
+# Extra regular expressions the export's redactor replaces with "[redacted]" in every
+# sampled prompt and answer (customer names, internal hostnames, ticket ids...), one
+# per line in the environment (a regex may contain commas).
+EXPORT_REDACT_PATTERNS = [
+    line.strip()
+    for line in os.environ.get("EXPORT_REDACT_PATTERNS", "").splitlines()
+    if line.strip()
+]
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

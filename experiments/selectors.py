@@ -369,3 +369,14 @@ def version_labels(experiment: Experiment) -> dict[uuid.UUID, VersionIdentity]:
             "id", "variant_id", "variant__label", "upstream", "version_number", "key_rotation"
         )
     }
+
+
+def version_upstreams(experiment: Experiment) -> dict[uuid.UUID, dict]:
+    """version id -> its upstream configuration (never the key: the JSON holds none and
+    the ciphertext column is not selected), for every checkpoint of the experiment."""
+    return {
+        row["id"]: row["upstream"] if isinstance(row["upstream"], dict) else {}
+        for row in VariantVersion.objects.filter(variant__experiment=experiment).values(
+            "id", "upstream"
+        )
+    }

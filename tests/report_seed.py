@@ -12,6 +12,7 @@ import hashlib
 import random
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -19,6 +20,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from experiments.models import AllocationSubject, Experiment, VariantVersion
+from experiments.prompts.store import capture_prompt
 from experiments.reports import rollups
 from gateway.spool import Spool
 from gateway.usage import Attribution, UsageRecord, record_rows, write_rows
@@ -94,6 +96,7 @@ def seed_experiment(
     seed: int = 7,
     start: datetime | None = None,
     writers: int = 1,
+    prompts: Callable[[int], dict] | None = None,
 ) -> SeededExperiment:
     """Two equal-weight slots; slot-a hot-swaps from a1 to a2 half-way through.
 
@@ -101,6 +104,8 @@ def seed_experiment(
     balanced split; anything far from it is a sample-ratio mismatch). With
     ``writers`` > 1 the rows land as several gateway processes would write them:
     in that many batches of their own writer id, the batches out of time order.
+    With ``prompts``, request ``index`` sends ``prompts(index)``, kept in the configured
+    prompt store as the gateway keeps it (else its hash names no stored body).
     """
     rng = random.Random(seed)
     start = start or (timezone.now() - timedelta(hours=2)).replace(microsecond=0)
@@ -194,7 +199,9 @@ def seed_experiment(
                 total_ms=rng.randint(100, 5000),
                 input_tokens=rng.randint(1, 500),
                 output_tokens=rng.randint(1, 800),
-                body_sha256=hashlib.sha256(f"body-{index}".encode()).hexdigest(),
+                body_sha256=capture_prompt(prompts(index))[0]
+                if prompts
+                else hashlib.sha256(f"body-{index}".encode()).hexdigest(),
             )
         )
     batches = [rows[index::writers] for index in range(writers)]
