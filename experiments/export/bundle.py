@@ -128,7 +128,7 @@ def checkpoint_refs(report: ExperimentReport, record: dict) -> dict[uuid.UUID, C
                 version_id=stats.version_id,
                 slot=slot.label,
                 number=number,
-                label=f"{slot.label} v{number}",
+                label=entry.get("label") or f"{slot.label} v{number}",
                 upstream=upstreams.get(stats.version_id, {}),
             )
     return refs
@@ -157,14 +157,12 @@ def provider_safe_report(
         entry.pop("internal_id", None)
         entry.setdefault("version_id", str(stats.version_id))
         entry.setdefault("label", refs[stats.version_id].label)
-    comparisons = record.get("comparisons") or []
-    if len(comparisons) == len(report.comparisons):
-        for entry, comparison in zip(comparisons, report.comparisons, strict=True):
-            for side in ("baseline", "candidate"):
-                stats = getattr(comparison, side, None)
-                if stats is not None and isinstance(entry.get(side), str):
-                    entry[side] = refs[stats.version_id].label
-                    entry.setdefault(f"{side}_version_id", str(stats.version_id))
+    # The control and each comparison name checkpoints by version id and label only.
+    if isinstance(record.get("control"), dict):
+        record["control"].pop("internal_id", None)
+    for entry in record.get("comparisons") or []:
+        if isinstance(entry.get("candidate"), dict):
+            entry["candidate"].pop("internal_id", None)
     # Whatever shape the report grows, no upstream model id or host leaves.
     return Redactor(literals=identifier_literals(refs)).value(record)
 

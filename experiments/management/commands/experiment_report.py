@@ -211,6 +211,7 @@ def _checkpoint_ref(checkpoint: CheckpointStats) -> dict:
     return {
         "slot": checkpoint.slot_label,
         "version_id": str(checkpoint.version_id),
+        "label": checkpoint.label,
         "internal_id": checkpoint.internal_id,
     }
 
