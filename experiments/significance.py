@@ -40,9 +40,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-import numpy as np
-from scipy import stats
-from statsmodels.stats.proportion import proportion_confint
+# numpy, scipy and statsmodels are imported where they are used: every process that
+# loads the admin (the gateway's too) imports this module, and statsmodels brings pandas
+# (~100 MB of resident memory) that only a report page needs.
 
 #: The family-wise error rate of the comparisons on one page.
 ALPHA = 0.05
@@ -64,6 +64,9 @@ def chi_square_goodness_of_fit(
     total = sum(observed)
     weight_sum = float(sum(weights))
     expected = [total * weight / weight_sum for weight in weights]
+    import numpy as np
+    from scipy import stats
+
     result = stats.chisquare(np.asarray(observed, dtype=float), np.asarray(expected))
     return float(result.statistic), len(observed) - 1, float(result.pvalue)
 
@@ -72,6 +75,8 @@ def wilson_interval(successes: int, trials: int, alpha: float = ALPHA) -> tuple[
     """Wilson score interval for a proportion (e.g. the share of positive feedback)."""
     if trials <= 0:
         raise ValueError("trials must be positive")
+    from statsmodels.stats.proportion import proportion_confint
+
     low, high = proportion_confint(successes, trials, alpha=alpha, method="wilson")
     return float(low), float(high)
 
@@ -311,6 +316,8 @@ def holm(p_values: Sequence[float], alpha: float = ALPHA) -> HolmResult:
     m = len(p_values)
     if m == 0:
         return HolmResult([], [], [])
+    import numpy as np
+
     values = np.asarray(p_values, dtype=float)
     order = np.argsort(values, kind="stable")
     ranked = values[order]

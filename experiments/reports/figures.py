@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from django.db.models import Count, Max, Min, Q, Sum
-from statsmodels.stats.proportion import proportion_confint
 
 from experiments.models import (
     AllocationSubject,
@@ -126,6 +125,8 @@ def wilson_interval(successes: int, trials: int) -> tuple[float, float] | None:
     """
     if not trials:
         return None
+    from statsmodels.stats.proportion import proportion_confint  # heavy: only for reports
+
     low, high = proportion_confint(successes, trials, alpha=0.05, method="wilson")
     return float(low), float(high)
 
