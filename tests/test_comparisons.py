@@ -570,6 +570,7 @@ def test_json_export_names_the_control_and_every_comparison(comparison):
         "slot": "control",
         "version_id": str(control.pk),
         "internal_id": "rc-control",
+        "label": "control v1",
     }
     assert exported["comparison_method"]["correction"] == "holm"
     assert "Howard, Ramdas, McAuliffe & Sekhon" in exported["comparison_method"]["name"]
