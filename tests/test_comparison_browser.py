@@ -9,6 +9,8 @@ import os
 import pytest
 
 from experiments import selectors
+from experiments.feedback import FeedbackItem, record_feedback
+from experiments.models import FeedbackSource
 from tests.browser import chromium_page, screenshot
 from tests.comparison_seed import seed_comparison
 from tests.factories import SuperUserFactory
@@ -41,6 +43,18 @@ def verdict_colours(page) -> dict[tuple[str, str], tuple[str, str]]:
 def test_staff_choose_a_control_and_read_coloured_verdicts(page, live_server):
     seeded = seed_comparison()
     versions = {label: str(version.pk) for label, version in seeded.versions.items()}
+    # Users rated 600 answers of each slot: 45% liked the control's, 75% the faster one's,
+    # 44% the slower one's (joined to the checkpoint that served each id).
+    liked = {"control": 0.45, "faster": 0.75, "slower": 0.44}
+    record_feedback(
+        [
+            FeedbackItem(f"msg-{label}-{index}", "up" if index % 100 < share * 100 else "down")
+            for label, share in liked.items()
+            for index in range(600)
+        ],
+        source=FeedbackSource.CSV,
+        submitted_by_id=None,
+    )
     SuperUserFactory(username="comparisons-admin")
     page.goto(f"{live_server.url}/admin/login/")
     page.fill("#id_username", "comparisons-admin")
@@ -57,6 +71,9 @@ def test_staff_choose_a_control_and_read_coloured_verdicts(page, live_server):
     assert colours[(versions["slower"], "total_latency_p95")] == ("worse", RED)
     assert colours[(versions["slower"], "throughput_p50")] == ("worse", RED)
     assert colours[(versions["slower"], "error_rate")] == ("inconclusive", GREY)
+    # Feedback is one more comparison, higher is better.
+    assert colours[(versions["faster"], "feedback_share_up")] == ("better", GREEN)
+    assert colours[(versions["slower"], "feedback_share_up")] == ("inconclusive", GREY)
     method = page.inner_text("#comparison-method")
     assert "Howard, Ramdas, McAuliffe & Sekhon" in method and "Holm" in method
     screenshot(page, "comparisons-stats")
