@@ -149,13 +149,13 @@ class Exchange:
 # --- body checks ------------------------------------------------------------------
 
 
-def read_json_body(request) -> dict[str, Any]:
-    """The request body as a JSON object with a usable ``model``; a 400 for anything else.
+def read_json_object(request, limit: int, *, not_an_object: str) -> dict[str, Any]:
+    """The request body as a JSON object of at most ``limit`` bytes: strict UTF-8, nested at
+    most ``MAX_JSON_DEPTH`` deep, no lone surrogates or NUL; a 400 for anything else.
 
     No second parse: depth is checked by a walk of the parsed containers and lone
     surrogates by one regular-expression scan of the text (precise only if it finds one).
     """
-    limit = settings.GATEWAY_MAX_BODY_BYTES
     # The gateway's ASGI handler refuses a larger body before reading it; this bound holds
     # under any other handler (WSGI, Django's test client).
     raw = request.read(limit + 1)
@@ -173,7 +173,7 @@ def read_json_body(request) -> dict[str, Any]:
     except ValueError:
         raise errors.bad_request("Request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise errors.bad_request("Request body must be a JSON object.", code="invalid_body")
+        raise errors.bad_request(not_an_object, code="invalid_body")
     if nested_deeper_than(body, MAX_JSON_DEPTH):
         raise too_deep()
     if has_lone_surrogate(text):
@@ -185,6 +185,13 @@ def read_json_body(request) -> dict[str, Any]:
         raise errors.bad_request(
             "Request body must not contain NUL characters.", code="invalid_unicode"
         )
+    return body
+
+
+def read_json_body(request) -> dict[str, Any]:
+    """The request body as a JSON object with a usable ``model``; a 400 for anything else."""
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    body = read_json_object(request, limit, not_an_object="Request body must be a JSON object.")
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise errors.bad_request("`model` must be a non-empty string.", code="invalid_model")
@@ -489,32 +496,12 @@ MAX_FEEDBACK_BODY_BYTES = 64 * 1024
 
 def read_feedback_body(request) -> dict[str, Any]:
     """The body of ``POST /v1/feedback`` as a JSON object; a 400 for anything else."""
-    raw = request.read(MAX_FEEDBACK_BODY_BYTES + 1)
-    if len(raw) > MAX_FEEDBACK_BODY_BYTES:
-        raise errors.body_too_large(MAX_FEEDBACK_BODY_BYTES)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise invalid_unicode() from None
-    try:
-        body = JSON_DECODER.decode(text)
-    except RecursionError:
-        raise too_deep() from None
-    except ValueError:
-        raise errors.bad_request("Request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise errors.bad_request(
-            'Request body must be a JSON object: {"client_request_id": "...", '
-            '"rating": "up" or "down", "comment": "..."}.',
-            code="invalid_body",
-        )
-    if has_lone_surrogate(text):
-        raise invalid_unicode()
-    if "\\u0000" in text and holds_nul(body):
-        raise errors.bad_request(
-            "Request body must not contain NUL characters.", code="invalid_unicode"
-        )
-    return body
+    return read_json_object(
+        request,
+        MAX_FEEDBACK_BODY_BYTES,
+        not_an_object='Request body must be a JSON object: {"client_request_id": "...", '
+        '"rating": "up" or "down", "comment": "..."}.',
+    )
 
 
 def _store_feedback(item, user_id: int | None):

@@ -182,6 +182,12 @@ BAD_BODIES = [
         "larger than",
         id="too-large",
     ),
+    pytest.param(
+        b'{"client_request_id": "r", "rating": "up", "extra": ' + b"[" * 200 + b"]" * 200 + b"}",
+        "too_deep",
+        "nested deeper than",
+        id="too-deep",
+    ),
 ]
 
 
