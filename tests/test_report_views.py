@@ -465,3 +465,24 @@ def test_stats_page_reads_no_raw_row(staff_client, seeded, window):
     assert response.status_code == 200
     assert queries.captured_queries
     assert not [q for q in queries.captured_queries if any(t in q["sql"] for t in RAW_TABLES)]
+
+
+def test_request_detail_names_how_the_request_ended(staff_client, seeded):
+    """A failed request's page names its error category and the gateway's kind; a successful
+    one its finish reason, in the Stats page's words."""
+    failed = next(r for r in seeded.requests if r.has_error and r.error_category)
+    page = staff_client.get(
+        url("admin:experiments_experiment_request_detail", seeded, failed.usage_id)
+    ).content.decode()
+    status = re.search(r"<th>Status</th><td>(.*?)</td>", page, re.S).group(1)
+    status_text = " ".join(re.sub(r"<[^>]+>", " ", status).split())
+    label = {"upstream_5xx": "upstream 5xx", "rate_limit": "rate limit"}.get(
+        failed.error_category, failed.error_category.replace("_", " ")
+    )
+    assert status_text == f"{failed.status_code} {label} {failed.error_kind}"
+    answered = next(r for r in seeded.requests if not r.has_error and r.finish_reason)
+    page = staff_client.get(
+        url("admin:experiments_experiment_request_detail", seeded, answered.usage_id)
+    ).content.decode()
+    shown = re.search(r'<td id="finish-reason">(.*?)</td>', page, re.S).group(1)
+    assert shown == answered.finish_reason.replace("_", " ")

@@ -45,6 +45,8 @@ BROWSER_COLUMNS = (
     "ttfb_ms",
     "total_ms",
 )
+#: What only a request's own page shows (the list stays on the browser's columns).
+DETAIL_COLUMNS = (*BROWSER_COLUMNS, "error_kind", "error_category", "finish_reason")
 
 
 @dataclass
@@ -68,6 +70,10 @@ class RequestRow:
     total_ms: int | None
     #: ``rc1 v2``, ``rc1 v2.1 · key rotated`` (selectors.VersionIdentity.label)
     checkpoint_label: str = ""
+    #: Read for a request's own page only (``DETAIL_COLUMNS``).
+    error_kind: str | None = None
+    error_category: str | None = None
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -118,6 +124,9 @@ def to_row(values: dict, labels: dict[uuid.UUID, VersionIdentity]) -> RequestRow
         ttfb_ms=values["ttfb_ms"],
         total_ms=values["total_ms"],
         checkpoint_label=identity.label,
+        error_kind=values.get("error_kind"),
+        error_category=values.get("error_category"),
+        finish_reason=values.get("finish_reason"),
     )
 
 
@@ -176,7 +185,7 @@ def request_detail(experiment: Experiment, usage_id: uuid.UUID) -> RequestRow | 
     labels = version_labels(experiment)
     values = (
         ExperimentRequest.objects.filter(usage_id=usage_id, variant_version_id__in=list(labels))
-        .values(*BROWSER_COLUMNS)
+        .values(*DETAIL_COLUMNS)
         .first()
     )
     return to_row(values, labels) if values else None

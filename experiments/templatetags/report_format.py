@@ -6,6 +6,8 @@ import math
 
 from django import template
 
+from experiments.quality import ERROR_CATEGORY_LABELS, FINISH_REASON_LABELS
+
 register = template.Library()
 
 NO_VALUE = "–"
@@ -82,3 +84,15 @@ def confidence(alpha) -> str:
     if alpha is None:
         return NO_VALUE
     return f"{(1 - alpha) * 100:.4g}%"
+
+
+@register.filter
+def error_category(value) -> str:
+    """An error category as the Stats page names it ("rate limit")."""
+    return ERROR_CATEGORY_LABELS.get(value, str(value))
+
+
+@register.filter
+def finish_reason(value) -> str:
+    """A normalised finish reason as the Stats page names it ("tool calls")."""
+    return FINISH_REASON_LABELS.get(value, str(value))
