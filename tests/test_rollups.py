@@ -87,7 +87,15 @@ def report_figures(experiment, filters=None) -> dict:
             if name not in ("first_request_at", "last_request_at")
         }
     figures["slots"] = [(s.slot_id, s.distinct_subjects) for s in report.slots]
-    figures["series"] = report.timeseries.counts
+    # An open window's chart runs to "now": the requests per bucket, not the empty buckets a
+    # minute passing between two reports adds at the end.
+    series = report.timeseries
+    figures["series"] = {
+        (version_id, series.bucket_seconds, bucket): count
+        for version_id, counts in series.counts.items()
+        for bucket, count in zip(series.buckets, counts, strict=True)
+        if count
+    }
     return figures
 
 
