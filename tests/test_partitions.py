@@ -92,7 +92,14 @@ def every_report(experiment, swap_at):
                 [vars(c) for c in report.checkpoints],
                 [(s.label, s.distinct_subjects) for s in report.slots],
                 (report.srm.observed, report.srm.chi_square, report.srm.p_value),
-                report.timeseries.counts,
+                # Requests per bucket: an open window's chart gains empty buckets as time
+                # passes between two reports.
+                {
+                    (version_id, report.timeseries.bucket_seconds, bucket): count
+                    for version_id, counts in report.timeseries.counts.items()
+                    for bucket, count in zip(report.timeseries.buckets, counts, strict=True)
+                    if count
+                },
             )
         )
     return figures
