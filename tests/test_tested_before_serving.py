@@ -1,7 +1,8 @@
 """A new checkpoint is tested BEFORE it serves (issue #9): in an active or paused
 experiment the hot-swap and rotate pages test the unsaved checkpoint first, insert
 nothing when the test fails unless staff confirm, and keep the result with the new
-version; ``experiment swap|rotate-key --check`` do the same (``--force`` to proceed).
+version; ``experiment swap|rotate-key`` do the same in an active or paused experiment, and
+with ``--check`` in a draft (``--force`` to proceed, ``--no-check`` to skip).
 
 The partner is the demo upstream on loopback answering 401 to any key but
 ``PARTNER_API_KEY``; the wrong key is a canary that must never reach a page, an output
@@ -429,22 +430,58 @@ def test_rotate_key_check_force_inserts_despite_the_failure_and_warns(
     assert [(c.ok, c.status_code) for c in new.checks.all()] == [(False, 401)]
 
 
-def test_force_without_check_is_refused(keyed_upstream, monkeypatch):
+def test_force_without_a_test_is_refused(keyed_upstream, monkeypatch):
     variant = serving_slot(keyed_upstream)
     monkeypatch.setenv("NEW_KEY", PARTNER_API_KEY)
-    with pytest.raises(CommandError, match="--force only applies with --check"):
-        run("rotate-key", str(variant.pk), "--api-key-env", "NEW_KEY", "--force")
+    with pytest.raises(CommandError, match="--force only applies when the checkpoint is tested"):
+        run("rotate-key", str(variant.pk), "--api-key-env", "NEW_KEY", "--no-check", "--force")
     assert VariantVersion.objects.filter(variant=variant).count() == 2
+    assert keyed_upstream.received == []
 
 
-def test_an_untested_swap_into_an_active_experiment_is_warned_about(keyed_upstream, monkeypatch):
+def test_a_swap_into_an_active_experiment_is_tested_without_being_asked(
+    keyed_upstream, monkeypatch, canary_key, caplog
+):
+    """Operators' scripts get what the admin page does: in an active or paused experiment the
+    new checkpoint is tested before it is inserted, --check or not."""
+    variant = serving_slot(keyed_upstream)
+    versions, history = (
+        VariantVersion.objects.filter(variant=variant).count(),
+        LogEntry.objects.count(),
+    )
+    monkeypatch.setenv("NEW_KEY", canary_key)  # the wrong key: the partner answers 401
+    with pytest.raises(CommandError) as failed:
+        run("rotate-key", str(variant.pk), "--api-key-env", "NEW_KEY")
+    assert failed.value.returncode == 1
+    assert "failed: HTTP 401, " in str(failed.value)
+    assert canary_key not in str(failed.value)
+    assert_nothing_saved(variant, versions, history)
+    assert_not_in_logs(caplog, canary_key)
+    monkeypatch.setenv("NEW_KEY", PARTNER_API_KEY)  # the right key: tested, then inserted
+    out, err = run("rotate-key", str(variant.pk), "--api-key-env", "NEW_KEY")
+    assert "WARNING" not in err
+    new = services.current_version(variant)
+    assert [(c.ok, c.status_code) for c in new.checks.all()] == [(True, 200)]
+    assert len(keyed_upstream.received) == 2
+
+
+def test_no_check_inserts_untested_with_a_warning(keyed_upstream, monkeypatch):
     variant = serving_slot(keyed_upstream)
     monkeypatch.setenv("NEW_KEY", PARTNER_API_KEY)
-    _, err = run("rotate-key", str(variant.pk), "--api-key-env", "NEW_KEY")
+    _, err = run("rotate-key", str(variant.pk), "--api-key-env", "NEW_KEY", "--no-check")
     assert err.startswith(
         "WARNING: the new checkpoint goes untested into an experiment that is active"
     )
     assert keyed_upstream.received == []
+    assert not services.current_version(variant).checks.exists()
+
+
+def test_check_and_no_check_together_are_refused(keyed_upstream, monkeypatch):
+    variant = serving_slot(keyed_upstream)
+    monkeypatch.setenv("NEW_KEY", PARTNER_API_KEY)
+    with pytest.raises(CommandError, match="not allowed with argument"):
+        run("rotate-key", str(variant.pk), "--api-key-env", "NEW_KEY", "--check", "--no-check")
+    assert VariantVersion.objects.filter(variant=variant).count() == 2
 
 
 def test_swap_and_rotate_help_document_check_and_force(capsys):
@@ -452,8 +489,9 @@ def test_swap_and_rotate_help_document_check_and_force(capsys):
         with pytest.raises(SystemExit):
             call_command("experiment", subcommand, "--help")
         text = " ".join(capsys.readouterr().out.split())
-        assert "BEFORE inserting it; when the test fails nothing is inserted" in text
-        assert "With --check:" in text and "even when the test fails" in text
+        assert "BEFORE inserting it" in text and "when the test fails nothing is inserted" in text
+        assert "active and paused experiments always test unless --no-check" in text
+        assert "When the test fails" in text and "anyway" in text
 
 
 def exploding_checker(probe):

@@ -277,18 +277,26 @@ class Command(JsonCommand):
             help="Environment variable holding the new key (prompted for when omitted).",
         )
         for command, verb in ((swap, "swap"), (rotate, "rotate")):
-            command.add_argument(
+            testing = command.add_mutually_exclusive_group()
+            testing.add_argument(
                 "--check",
                 action="store_true",
-                help="Test the new checkpoint with one small request BEFORE inserting it; "
+                help="Test the new checkpoint with one small request BEFORE inserting it, in "
+                "any status (active and paused experiments always test unless --no-check); "
                 "when the test fails nothing is inserted and the exit status is 1. The result "
                 "is recorded with the new version.",
+            )
+            testing.add_argument(
+                "--no-check",
+                action="store_true",
+                help="Do not test the new checkpoint first, even in an active or paused "
+                "experiment (a WARNING says it goes in untested).",
             )
             command.add_argument(
                 "--force",
                 action="store_true",
-                help=f"With --check: {verb} even when the test fails (a WARNING names the "
-                "failure, the failed result is recorded with the new version, exit status 0).",
+                help=f"When the test fails, {verb} anyway (a WARNING names the failure, the "
+                "failed result is recorded with the new version, exit status 0).",
             )
         add(
             "check",
@@ -637,18 +645,23 @@ class Command(JsonCommand):
         return f"{subject} passed: {check.summary}.", payload
 
     def _insert(self, service: Callable[..., VariantVersion], options: dict[str, Any], **kwargs):
-        """Insert a checkpoint, tested first with --check; a failed test inserts nothing
-        (exit status 1) unless --force."""
+        """Insert a checkpoint, tested first in an active or paused experiment (or with
+        --check in a draft); a failed test inserts nothing (exit status 1) unless --force."""
         variant = kwargs["variant"]
-        if options["force"] and not options["check"]:
-            raise CommandError("--force only applies with --check: nothing is tested without it.")
-        if not options["check"] and services.checkpoint_test_required(variant.experiment):
+        required = services.checkpoint_test_required(variant.experiment)
+        test = options["check"] or (required and not options["no_check"])
+        if options["force"] and not test:
+            raise CommandError(
+                "--force only applies when the checkpoint is tested: nothing is tested here "
+                "(a draft without --check, or --no-check)."
+            )
+        if not test and required:
             self.stderr.write(
                 "WARNING: the new checkpoint goes untested into an experiment that is "
-                f"{variant.experiment.status}; pass --check to test it before it is inserted."
+                f"{variant.experiment.status} (--no-check)."
             )
         try:
-            return service(**kwargs, test=options["check"], force=options["force"])
+            return service(**kwargs, test=test, force=options["force"])
         except services.CheckpointTestFailed as failed:
             check = failed.check
             raise CommandRefusal(
