@@ -53,6 +53,19 @@ SEEDED_ERRORS = (
 SEEDED_FINISHES = ("stop", "stop", "stop", "length", "tool_calls", "content_filter", "other", None)
 
 
+#: Written out, not imported: the figures' keys are part of the report's contract.
+CATEGORIES = (
+    "auth",
+    "rate_limit",
+    "upstream_5xx",
+    "timeout",
+    "client_disconnect",
+    "bad_request",
+    "other",
+)
+FINISHES = ("stop", "length", "tool_calls", "content_filter", "other", "unknown")
+
+
 @dataclass
 class SeededRequest:
     usage_id: uuid.UUID

@@ -22,7 +22,7 @@ from experiments.reports.figures import bucket_seconds_for
 from experiments.reports.filters import ReportFilters, ReportInputError
 from experiments.reports.histogram import RELATIVE_ACCURACY
 from experiments.reports.report import experiment_report
-from tests.report_seed import seed_experiment
+from tests.report_seed import CATEGORIES, FINISHES, seed_experiment
 
 
 def by_version(rows):
@@ -376,17 +376,6 @@ def test_json_export_says_when_the_window_was_widened(seeded):
 
 
 # --- quality signals ----------------------------------------------------------------
-
-CATEGORIES = (
-    "auth",
-    "rate_limit",
-    "upstream_5xx",
-    "timeout",
-    "client_disconnect",
-    "bad_request",
-    "other",
-)
-FINISHES = ("stop", "length", "tool_calls", "content_filter", "other", "unknown")
 
 
 def raw_quality(rows) -> dict:

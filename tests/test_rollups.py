@@ -27,19 +27,7 @@ from experiments.reports import rollups
 from experiments.reports.filters import ReportFilters, bucket_ranges
 from experiments.reports.histogram import RELATIVE_ACCURACY, key_of, percentile, value_of
 from experiments.reports.report import experiment_report
-from tests.report_seed import insert_requests, seed_experiment
-
-#: Written out: the figures' keys are part of the report's contract.
-CATEGORIES = (
-    "auth",
-    "rate_limit",
-    "upstream_5xx",
-    "timeout",
-    "client_disconnect",
-    "bad_request",
-    "other",
-)
-FINISHES = ("stop", "length", "tool_calls", "content_filter", "other", "unknown")
+from tests.report_seed import CATEGORIES, FINISHES, insert_requests, seed_experiment
 
 
 def quantile(values, fraction):
